@@ -1,0 +1,26 @@
+# privsynth: two commands for a newcomer: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= demo-out
+
+.PHONY: venv demo test clean-demo
+
+$(BIN)/privsynth: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	touch $@
+
+venv: $(BIN)/privsynth
+
+## demo: fit -> sample -> evaluate on the embedded demo data (offline, CPU)
+demo: venv
+	rm -rf $(DEMO_OUT)
+	PATH=$(abspath $(BIN)):$$PATH bash assets/demo.sh $(DEMO_OUT)
+
+## test: the whole default test suite (CI runs exactly this)
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

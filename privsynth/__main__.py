@@ -1,0 +1,4 @@
+"""`python -m privsynth` runs the command-line tool."""
+from privsynth.cli import main
+
+main()

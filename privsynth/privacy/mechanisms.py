@@ -1,0 +1,72 @@
+"""Clipping and Gaussian noise: every line in privsynth that adds noise is in this file.
+
+Noise comes from NumPy's PCG64 seeded with 256 bits from the OS (`os.urandom`); the seed is never
+stored or logged, and `--seed` never reaches this module.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from privsynth.errors import BudgetError
+from privsynth.privacy.budget import Budget, Charge
+
+
+class NoiseSource:
+    """Gaussian noise from a generator seeded from OS entropy (never from a user seed)."""
+
+    description = {"rng": "numpy.random.PCG64", "seeded_from": "os.urandom(32) at release time",
+                   "sampler": "numpy Generator.normal (float64)", "seed_recorded": False}
+
+    def __init__(self) -> None:
+        entropy = int.from_bytes(os.urandom(32), "little")
+        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+    def normal(self, shape: tuple[int, ...], std: float) -> np.ndarray:
+        """Independent N(0, std^2) draws, float64."""
+        return self._rng.normal(0.0, std, size=shape)
+
+
+def clip_rows(rows: torch.Tensor, bound: float) -> torch.Tensor:
+    """Scale each row down so its L2 norm is at most `bound` (rows already inside are unchanged)."""
+    norms = rows.norm(dim=1, keepdim=True)
+    return rows * torch.clamp(bound / torch.clamp(norms, min=1e-30), max=1.0)
+
+
+class GaussianSum:
+    """Per-slot sums of clipped contributions, released once with Gaussian noise.
+
+    Each privacy unit adds one row (L2 norm clipped to `charge.sensitivity`) to one slot (its class),
+    so adding or removing a unit moves the whole (slots x dim) sum by at most the sensitivity.
+    """
+
+    def __init__(self, budget: Budget, charge: Charge, slots: int, dim: int,
+                 noise: NoiseSource) -> None:
+        if charge not in budget.charges:
+            raise BudgetError(f"mechanism {charge.name} was not charged to the budget before use")
+        if charge.sample_rate != 1.0 or charge.steps != 1:
+            raise BudgetError(f"{charge.name}: a one-shot release must have sample_rate=1, steps=1")
+        self.charge = charge
+        self._sum = torch.zeros(slots, dim, dtype=torch.float64)
+        self._noise = noise
+        self._released = False
+
+    def add(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Accumulate one row per unit into its slot, after clipping to the sensitivity."""
+        if self._released:
+            raise BudgetError(f"{self.charge.name} was already released; it cannot take more data")
+        rows = rows.detach().to(torch.float64)
+        if not torch.isfinite(rows).all():
+            raise BudgetError(f"{self.charge.name}: non-finite statistics; nothing was released")
+        self._sum.index_add_(0, slots.to(torch.long), clip_rows(rows, self.charge.sensitivity))
+
+    def release(self) -> torch.Tensor:
+        """The noisy sums (float64). Can be called once."""
+        if self._released:
+            raise BudgetError(f"{self.charge.name} can be released only once")
+        self._released = True
+        std = self.charge.noise_multiplier * self.charge.sensitivity
+        noise = torch.from_numpy(self._noise.normal(tuple(self._sum.shape), std))
+        return self._sum + noise
