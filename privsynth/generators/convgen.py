@@ -1,0 +1,61 @@
+"""A small class-conditional convolutional generator (latent + class embedding -> image in [0, 1])."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ConvGenConfig:
+    """Shape of the generator; stored next to its weights so `sample` needs only the run folder."""
+
+    num_classes: int
+    channels: int
+    resolution: int
+    latent_dim: int = 64  # size of the Gaussian latent
+    width: int = 64  # channels of the last upsampling stage; earlier stages double it
+
+    def to_dict(self) -> dict:
+        """JSON form."""
+        return asdict(self)
+
+
+def _upsamplings(resolution: int) -> int:
+    """How many x2 stages take a 4..8 pixel seed to `resolution` (which must divide evenly)."""
+    ups = 0
+    while resolution % 2 == 0 and resolution // 2 >= 4 and (resolution > 8 or ups == 0):
+        resolution //= 2
+        ups += 1
+    return ups
+
+
+class ConvGenerator(nn.Module):
+    """fc -> (up, conv, GroupNorm, SiLU) x k -> conv -> sigmoid."""
+
+    def __init__(self, cfg: ConvGenConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ups = _upsamplings(cfg.resolution)
+        self.base = cfg.resolution >> ups
+        if self.base << ups != cfg.resolution:
+            raise ValueError(f"resolution {cfg.resolution} must be 4..8 times a power of two")
+        top = cfg.width * 2 ** max(ups - 1, 0)
+        self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim)
+        self.fc = nn.Linear(2 * cfg.latent_dim, top * self.base * self.base)
+        layers: list[nn.Module] = [nn.GroupNorm(8, top), nn.SiLU()]
+        ch = top
+        for _ in range(ups):
+            out = max(cfg.width, ch // 2) if ch > cfg.width else cfg.width
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, out, 3, padding=1),
+                       nn.GroupNorm(8, out), nn.SiLU()]
+            ch = out
+        layers += [nn.Conv2d(ch, cfg.channels, 3, padding=1), nn.Sigmoid()]
+        self.body = nn.Sequential(*layers)
+        self.top = top
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], shape (N, channels, resolution, resolution)."""
+        h = self.fc(torch.cat([z, self.embed(labels)], dim=1))
+        return self.body(h.view(-1, self.top, self.base, self.base))

@@ -1,0 +1,217 @@
+"""DP-MEPF (Harder et al., arXiv 2205.12900): noisy mean embeddings, then a generator that matches them.
+
+Private data is touched once: per-class sums of unit-norm perceptual features (phi1), of their
+element-wise squares (phi2) and per-class counts, each released by a Gaussian mechanism charged to
+the one budget. Means are noisy sums over noisy counts (counts are *not* treated as public).
+Training the generator reads only those releases, so it is post-processing at no privacy cost.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from privsynth.data import Listing, load
+from privsynth.errors import UsageError
+from privsynth.features import Encoder
+from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
+from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Config:
+    """DP-MEPF settings: how the budget is shared between releases, and generator training."""
+
+    share_phi1: float = 0.75  # share of the noise budget (of sum 1/sigma^2) for feature means
+    share_phi2: float = 0.15  # ... for feature second moments (0 disables phi2 matching)
+    share_counts: float = 0.10  # ... for per-class counts
+    phi2_bound: float = 0.1  # L2 clip for a squared-feature row (rows have norm <= 0.36 anyway)
+    feature_batch: int = 256  # private images encoded per forward pass
+    latent_dim: int = 64  # generator latent size
+    width: int = 64  # generator channels at full resolution
+    steps: int = 2000  # generator updates
+    batch_per_class: int = 10  # generated images per class per update
+    lr: float = 1e-3  # Adam learning rate (cosine-decayed to 0)
+    moving_average: float = 0.2  # weight of the current batch in the running generated mean
+
+    def __post_init__(self) -> None:
+        shares = (self.share_phi1, self.share_phi2, self.share_counts)
+        if min(shares) < 0 or self.share_phi1 <= 0 or self.share_counts <= 0:
+            raise UsageError("dpmepf shares must be >= 0, with share_phi1 and share_counts > 0")
+        if not 0 < self.moving_average <= 1:
+            raise UsageError("dpmepf.moving_average must be in (0, 1]")
+
+    def plan(self, scale: float) -> list[Charge]:
+        """The releases for overall noise scale `scale` (sigma of the composed mechanism)."""
+        total = self.share_phi1 + self.share_phi2 + self.share_counts
+        specs = [("dpmepf.phi1", self.share_phi1, 1.0, "per-class sums of unit-norm features"),
+                 ("dpmepf.phi2", self.share_phi2, self.phi2_bound,
+                  "per-class sums of squared features"),
+                 ("dpmepf.counts", self.share_counts, 1.0, "per-class image counts")]
+        return [Charge(name, scale / math.sqrt(share / total), 1.0, 1, bound, what)
+                for name, share, bound, what in specs if share > 0]
+
+
+@dataclass
+class Releases:
+    """The noisy statistics: everything the generator may learn from."""
+
+    phi1: torch.Tensor  # (K, D) noisy mean features
+    phi2: torch.Tensor | None  # (K, D) noisy mean squared features
+    counts: torch.Tensor  # (K,) noisy counts, clamped to >= 1
+
+
+class Generator:
+    """Fits DP-MEPF: `Generator(config, encoder).fit(private, budget)` returns a `Sampler`."""
+
+    def __init__(self, config: Config, encoder: Encoder, *, resolution: int, channels: int,
+                 device: str = "cpu") -> None:
+        self.config, self.encoder = config, encoder.to(device)
+        self.resolution, self.channels, self.device = resolution, channels, device
+
+    def plan(self, budget: Budget) -> list[Charge]:
+        """Calibrate every release to the budget and charge it (before any pixel is read)."""
+        charges = budget.calibrate(self.config.plan)
+        budget.charge(charges)
+        return charges
+
+    def fit(self, private: Listing, budget: Budget, *, seed: int = 0,
+            progress: Progress | None = None) -> "Sampler":
+        """Charge, release the noisy embeddings once, then train the generator on them."""
+        charges = self.plan(budget)
+        releases = self.release(private, budget, charges, progress)
+        return self.train(releases, private.classes, seed=seed, progress=progress)
+
+    @torch.no_grad()
+    def release(self, private: Listing, budget: Budget, charges: list[Charge],
+                progress: Progress | None = None) -> Releases:
+        """Read the private images, accumulate clipped statistics, and release them with noise."""
+        images = load(private, resolution=self.resolution, channels=self.channels)
+        k, dim, noise = len(private.classes), self.encoder.dim, NoiseSource()
+        by_name = {c.name: c for c in charges}
+        mech = {name: GaussianSum(budget, c, k, 1 if name.endswith("counts") else dim, noise)
+                for name, c in by_name.items()}
+        step = self.config.feature_batch
+        for start in range(0, len(images), step):
+            x = images.images[start:start + step].to(self.device, torch.float32) / 255.0
+            y = images.labels[start:start + step]
+            feats = self.encoder(x).double().cpu()
+            mech["dpmepf.phi1"].add(feats, y)
+            if "dpmepf.phi2" in mech:
+                mech["dpmepf.phi2"].add(feats ** 2, y)
+            mech["dpmepf.counts"].add(torch.ones(len(y), 1, dtype=torch.float64), y)
+            if progress:
+                progress("encoding private images", min(start + step, len(images)), len(images))
+        counts = mech["dpmepf.counts"].release()[:, 0].clamp(min=1.0)
+        phi1 = mech["dpmepf.phi1"].release() / counts[:, None]
+        phi2 = mech["dpmepf.phi2"].release() / counts[:, None] if "dpmepf.phi2" in mech else None
+        del images
+        return Releases(phi1.float(), None if phi2 is None else phi2.float(), counts.float())
+
+    def train(self, rel: Releases, classes: tuple[str, ...], *, seed: int = 0,
+              progress: Progress | None = None) -> "Sampler":
+        """Train the generator to match the released embeddings (post-processing only)."""
+        cfg, k = self.config, len(classes)
+        torch.manual_seed(seed)
+        gcfg = ConvGenConfig(k, self.channels, self.resolution, cfg.latent_dim, cfg.width)
+        net = ConvGenerator(gcfg).to(self.device)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
+        target1, target2 = rel.phi1.to(self.device), rel.phi2
+        labels = torch.arange(k, device=self.device).repeat_interleave(cfg.batch_per_class)
+        avg1 = avg2 = None
+        for step in range(cfg.steps):
+            z = torch.randn(len(labels), cfg.latent_dim, device=self.device)
+            feats = self.encoder(net(z, labels))
+            m1 = _class_means(feats, labels, k)
+            avg1 = m1 if avg1 is None else (1 - cfg.moving_average) * avg1.detach() + cfg.moving_average * m1
+            loss = (avg1 - target1).pow(2).sum()
+            if target2 is not None:
+                m2 = _class_means(feats ** 2, labels, k)
+                avg2 = m2 if avg2 is None else (1 - cfg.moving_average) * avg2.detach() + cfg.moving_average * m2
+                loss = loss + (avg2 - target2.to(self.device)).pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress and (step % 10 == 0 or step == cfg.steps - 1):
+                progress(f"training generator (loss {loss.item():.3g})", step + 1, cfg.steps)
+        weights = (rel.counts / rel.counts.sum()).tolist()
+        return Sampler(net.cpu().eval(), classes, weights)
+
+
+def _class_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    sums = torch.zeros(k, x.shape[1], device=x.device, dtype=x.dtype).index_add(0, labels, x)
+    counts = torch.bincount(labels, minlength=k).clamp(min=1).to(x.dtype)
+    return sums / counts[:, None]
+
+
+class Sampler:
+    """A fitted DP-MEPF generator: safe to publish (it saw only noisy releases)."""
+
+    method = "dp-mepf"
+
+    def __init__(self, net: ConvGenerator, classes: tuple[str, ...], class_weights: list[float]) -> None:
+        self.net, self.classes, self.class_weights = net, tuple(classes), list(class_weights)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, seed: int = 0, balanced: bool = False,
+               batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+        """n images (uint8, N x C x H x W) and labels; classes drawn from the noisy counts."""
+        gen = torch.Generator().manual_seed(seed)
+        k = len(self.classes)
+        probs = torch.full((k,), 1.0 / k) if balanced else torch.tensor(self.class_weights)
+        labels = _quota_labels(n, probs)
+        labels = labels[torch.randperm(n, generator=gen)]
+        out = []
+        for start in range(0, n, batch):
+            y = labels[start:start + batch]
+            z = torch.randn(len(y), self.net.cfg.latent_dim, generator=gen)
+            out.append((self.net(z, y) * 255.0).round().clamp(0, 255).to(torch.uint8))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8), labels
+
+    def save(self, folder: Path) -> None:
+        """Write `generator.safetensors` and `config.json` (no pickles)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.net.state_dict(), str(folder / "generator.safetensors"))
+        meta = {"method": self.method, "generator": self.net.cfg.to_dict(),
+                "classes": list(self.classes), "class_weights": self.class_weights}
+        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> "Sampler":
+        """Read a sampler written by `save`."""
+        meta = json.loads((folder / "config.json").read_text())
+        net = ConvGenerator(ConvGenConfig(**meta["generator"]))
+        net.load_state_dict(load_file(str(folder / "generator.safetensors")))
+        return cls(net.eval(), tuple(meta["classes"]), meta["class_weights"])
+
+
+def _quota_labels(n: int, probs: torch.Tensor) -> torch.Tensor:
+    """Exactly round(n * p) labels per class (largest-remainder rounding), in class order."""
+    raw = probs / probs.sum() * n
+    counts = raw.floor().long()
+    for i in torch.argsort(raw - counts, descending=True)[: n - int(counts.sum())]:
+        counts[i] += 1
+    return torch.repeat_interleave(torch.arange(len(probs)), counts)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Config from a recipe section, refusing unknown keys."""
+    known = {f.name for f in fields(Config)}
+    unknown = set(values) - known
+    if unknown:
+        raise UsageError(f"unknown dpmepf keys: {', '.join(sorted(unknown))}")
+    return replace(Config(), **values)
+
+
+def config_to_dict(config: Config) -> dict:
+    """JSON form of a Config."""
+    return asdict(config)
