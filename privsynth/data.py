@@ -154,3 +154,15 @@ def load(listing: Listing, *, resolution: int, channels: int) -> ImageSet:
         raise DataError(f"{listing.root}: none of {len(listing.files)} files could be read")
     images = torch.from_numpy(np.stack(arrays))
     return ImageSet(images, torch.tensor(labels, dtype=torch.long), listing.classes, rejects)
+
+
+def grey_only(listing: Listing) -> bool:
+    """Whether every listed file is single-channel, from file headers only (no pixel is decoded)."""
+    for path in listing.files:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+                    return False
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            continue  # unreadable files are rejected later, with a reason
+    return True

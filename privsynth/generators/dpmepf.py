@@ -59,6 +59,20 @@ class Config:
                 for name, share, bound, what in specs if share > 0]
 
 
+def privacy_statement(config: Config) -> dict:
+    """What the certificate says about this method beyond its charges."""
+    notes = ["Per-class counts are released with Gaussian noise (dpmepf.counts), not treated as "
+             "public; means are noisy sums divided by noisy counts clamped at 1.",
+             "Each private image contributes one encoder feature row of L2 norm <= 1 to phi1 and "
+             f"its element-wise square, clipped to L2 norm {config.phi2_bound:g}, to phi2.",
+             "Files that cannot be decoded are skipped; each file is handled independently, so "
+             "this does not change the sensitivity."]
+    return {"privacy_unit": "one image file",
+            "post_processing": "a generator trained only on the noisy releases (it never reads "
+                               "private data); sampling uses class proportions from the noisy counts",
+            "notes": notes, "unprotected": []}
+
+
 @dataclass
 class Releases:
     """The noisy statistics: everything the generator may learn from."""
@@ -75,6 +89,7 @@ class Generator:
                  device: str = "cpu") -> None:
         self.config, self.encoder = config, encoder.to(device)
         self.resolution, self.channels, self.device = resolution, channels, device
+        self.rejects: list[tuple[str, str]] = []  # private files that could not be decoded
 
     def plan(self, budget: Budget) -> list[Charge]:
         """Calibrate every release to the budget and charge it (before any pixel is read)."""
@@ -94,6 +109,7 @@ class Generator:
                 progress: Progress | None = None) -> Releases:
         """Read the private images, accumulate clipped statistics, and release them with noise."""
         images = load(private, resolution=self.resolution, channels=self.channels)
+        self.rejects = list(images.rejects)
         k, dim, noise = len(private.classes), self.encoder.dim, NoiseSource()
         by_name = {c.name: c for c in charges}
         mech = {name: GaussianSum(budget, c, k, 1 if name.endswith("counts") else dim, noise)

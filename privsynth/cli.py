@@ -1,0 +1,209 @@
+"""The `privsynth` command line: fit, sample, evaluate, verify.
+
+Results go to stdout (a JSON document with --json), progress and messages to stderr. Library
+errors become exit codes here and only here:
+0 ok, 1 unexpected error, 2 usage (flags, recipe), 3 data (unreadable input folder),
+4 budget (the privacy budget cannot pay), 5 missing resource (weights file),
+6 verification failed, 130 interrupted (Ctrl-C).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from privsynth import __version__
+from privsynth.errors import PrivsynthError, VerificationError
+
+class _Group(TyperGroup):
+    """Maps library errors to exit codes: the only place that decides how privsynth exits."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except PrivsynthError as exc:
+            err.print("[red]error:[/]", escape(str(exc)), highlight=False)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            ctx.exit(130)
+        except Exception as exc:  # an unexpected bug: one line, no locals (set PRIVSYNTH_DEBUG=1)
+            if os.environ.get("PRIVSYNTH_DEBUG"):
+                raise
+            err.print("[red]internal error:[/]", escape(f"{type(exc).__name__}: {exc}"))
+            ctx.exit(1)
+
+
+app = typer.Typer(
+    name="privsynth", cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Differentially private synthetic image datasets, with a certificate anyone can re-check."
+         "\n\nTypical use: fit (spends the privacy budget once) -> sample (free) -> evaluate.")
+err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+EXAMPLES_FIT = """
+Examples:\n
+  privsynth fit assets/demo/private --public assets/demo/public --method dp-mepf --epsilon 10 --out runs/demo\n
+  privsynth fit ./xrays --method dp-mepf --epsilon 1 --recipe recipes/mnist-dpmepf.toml --set dpmepf.steps=500 --out runs/x1
+"""
+
+
+class _Bars:
+    """Rich progress bars on stderr, one per task description prefix."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                 console=err, disable=not enabled, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        key = what.split(" (")[0]
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(what, total=total)
+        self.progress.update(self.tasks[key], completed=done, total=total, description=what)
+
+
+def _emit(result: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        sys.stdout.write(human + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"privsynth {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """privsynth: private images in, a shareable synthetic dataset with a DP certificate out."""
+
+
+@app.command(epilog=EXAMPLES_FIT)
+def fit(
+    private: Annotated[Path, typer.Argument(help="Private image folder: ImageFolder (one sub-folder "
+                                            "per class), flat (unlabelled) or with metadata.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New run folder to write (never overwritten).")],
+    public: Annotated[Optional[Path], typer.Option(help="Public image folder (dp-mepf's public side is "
+                                                   "its pretrained encoder; recorded only).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="dp-mepf (or set `method` in the recipe).")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon for the whole run.")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Target delta [default: 1/(N ln N)].")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe file (see recipes/).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: "
+                                                      "section.key=value (repeatable).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Spend the privacy budget once: train a generator on PRIVATE and write a run folder."""
+    from privsynth import recipe as recipes
+    from privsynth import run
+
+    raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
+    if method is not None:
+        raw["method"] = method
+    resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta)
+    bars = _Bars(sys.stderr.isatty() and not json_out)
+    with bars.progress:
+        result = run.fit(private, public, resolved, out, progress=bars)
+    cert = result.certificate
+    for path, why in result.rejects[:10]:
+        err.print(f"[yellow]skipped[/] {path}: {why}")
+    if len(result.rejects) > 10:
+        err.print(f"[yellow]... and {len(result.rejects) - 10} more skipped files[/]")
+    summary = {"run": str(result.run), "certificate": str(result.run / "certificate.json"),
+               "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
+               "accountant": cert["accountant"], "rejected_files": len(result.rejects)}
+    _emit(summary, json_out, f"run written to {result.run}\n"
+          f"  spent epsilon={summary['epsilon']:.4g} (target {cert['epsilon']['target']:g}), "
+          f"delta={summary['delta']:.3g} [{summary['accountant']}]\n"
+          f"  certificate: {summary['certificate']}")
+
+
+@app.command(epilog="Examples:\n\n  privsynth sample runs/demo -n 1000 --out synth/demo\n\n"
+                    "  privsynth sample runs/demo -n 60000 --out synth/big --seed 3 --balanced")
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `privsynth fit`.")],
+    n: Annotated[int, typer.Option("-n", help="Number of images to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New dataset folder (never overwritten).")],
+    seed: Annotated[int, typer.Option(help="Seed for latents and labels (public randomness).")] = 0,
+    balanced: Annotated[bool, typer.Option(help="Equal images per class instead of the noisy "
+                                           "class proportions.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Write N synthetic images from a fitted run (no privacy cost): PNGs in class folders,
+    metadata.jsonl, a sha256 manifest and a copy of the certificate."""
+    from privsynth import run
+
+    path = run.sample(run_dir, n, out, seed=seed, balanced=balanced)
+    _emit({"dataset": str(path), "images": n, "manifest": str(path / "MANIFEST.sha256")},
+          json_out, f"{n} synthetic images written to {path}")
+
+
+@app.command(epilog="Examples:\n\n  privsynth evaluate synth/demo --real assets/demo/real-test --out reports/demo\n\n"
+                    "  privsynth evaluate synth/demo --real test/ --feature-space inception "
+                    "--inception-weights ~/weights/ --out reports/inc")
+def evaluate(
+    synthetic: Annotated[Path, typer.Argument(help="Synthetic dataset folder (or any image folder).")],
+    real: Annotated[Path, typer.Option(help="Real image folder to compare with.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.json).")],
+    feature_space: Annotated[str, typer.Option(help="efficientnet-lite0 (offline) or inception "
+                                               "(clean-fid's InceptionV3).")] = "efficientnet-lite0",
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        help="Folder or file holding inception-2015-12-05.pt (for --feature-space inception).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache features here (else no cache). "
+                                                      "Holds statistics of the real images.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Compare a synthetic dataset with real images: FID and KID via clean-fid, written to
+    report.json. Numbers computed on private images are not covered by the DP guarantee."""
+    from privsynth import evaluate as evaluation
+
+    bars = _Bars(sys.stderr.isatty() and not json_out)
+    with bars.progress:
+        report = evaluation.evaluate(synthetic, real, out, feature_space=feature_space,
+                                     inception_weights=inception_weights, cache_dir=cache_dir,
+                                     progress=bars)
+    _emit(report, json_out, f"FID ({report['feature_space']['name']}) = {report['fid']:.4g}\n"
+          f"  report: {Path(out) / 'report.json'}")
+
+
+@app.command(epilog="Examples:\n\n  privsynth verify runs/demo\n\n  privsynth verify synth/demo")
+def verify(
+    path: Annotated[Path, typer.Argument(help="A run folder, a dataset folder or a certificate.json.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Re-check a certificate: recompute epsilon from its mechanisms and, for a dataset folder,
+    every file against MANIFEST.sha256. Exits 6 on any mismatch."""
+    from privsynth import certificate, publish
+
+    cert = certificate.load(path)
+    problems = certificate.check(cert)
+    if Path(path).is_dir() and (Path(path) / "MANIFEST.sha256").is_file():
+        problems += publish.verify_manifest(Path(path))
+    result = {"path": str(path), "ok": not problems, "problems": problems,
+              "epsilon_recomputed": certificate.recompute(cert), "delta": cert.get("delta")}
+    if problems:
+        _emit(result, json_out, "\n".join(f"FAILED: {p}" for p in problems))
+        raise VerificationError(f"{len(problems)} problem(s) in {path}")
+    _emit(result, json_out, f"OK: epsilon recomputes to {result['epsilon_recomputed']:.4g} "
+          f"(delta {cert['delta']:.3g}); " + ("manifest matches" if (Path(path) / "MANIFEST.sha256")
+                                              .is_file() else "no manifest here"))
+
+
+def main() -> None:
+    """Console-script entry point (exits with the documented codes)."""
+    app()

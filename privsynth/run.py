@@ -1,0 +1,146 @@
+"""A run directory: orchestrates fit and sample over folders. No math, no noise.
+
+`fit` writes RUN/recipe.json, RUN/certificate.json, RUN/CERTIFICATE.md and RUN/model/ into a
+temporary sibling folder and renames it into place, so a run folder is complete or absent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from privsynth import certificate, data, publish
+from privsynth.errors import DataError, UsageError
+from privsynth.features import load_encoder
+from privsynth.generators import method_module
+from privsynth.privacy import Budget, NoiseSource
+from privsynth.recipe import Recipe, from_dict
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Where a fit wrote its run, and what it spent."""
+
+    run: Path
+    certificate: dict
+    recipe: Recipe
+    rejects: list[tuple[str, str]]
+
+
+def default_delta(n: int) -> float:
+    """1 / (N ln N): below 1/N, as a meaningful delta must be."""
+    if n < 2:
+        raise DataError(f"need at least 2 private images, found {n}")
+    return 1.0 / (n * math.log(n))
+
+
+@contextmanager
+def _atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; rename it to `out` on success, delete it on failure."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists; choose a new --out (runs are never overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_for(recipe: Recipe, private: data.Listing) -> tuple[Recipe, str]:
+    """Fill in what depends on the private folder's listing: delta and grey/colour."""
+    rule = f"user-given delta = {recipe.privacy.delta:g}"
+    if recipe.privacy.delta == 0:
+        n = len(private.files)
+        recipe = replace(recipe, privacy=replace(recipe.privacy, delta=default_delta(n)))
+        rule = f"1 / (N ln N) with N = {n} private image files"
+    if recipe.privacy.epsilon <= 0:
+        raise UsageError("epsilon must be > 0: pass --epsilon or set privacy.epsilon")
+    if recipe.data.channels == "auto":
+        grey = data.grey_only(private)
+        recipe = replace(recipe, data=replace(recipe.data, channels="1" if grey else "3"))
+    return recipe, rule
+
+
+def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
+        progress: Progress | None = None) -> FitResult:
+    """Spend the budget once on `private_dir` and write a run directory at `out`."""
+    if public is not None and not Path(public).exists():
+        raise DataError(f"public source {public} does not exist")
+    listing = data.scan(private_dir)
+    auto_channels = recipe.data.channels == "auto"
+    recipe, delta_rule = resolve_for(recipe, listing)
+    module = method_module(recipe.method)
+    encoder = load_encoder(recipe.features.encoder, weights=recipe.features.weights or None,
+                           input_size=recipe.features.input_size)
+    budget = Budget(epsilon=recipe.privacy.epsilon, delta=recipe.privacy.delta,
+                    accountant=recipe.privacy.accountant)
+    gen = module.Generator(recipe.generator, encoder, resolution=recipe.data.resolution,
+                           channels=int(recipe.data.channels), device=recipe.run.device)
+    with _atomic_folder(out) as tmp:
+        sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress)
+        sampler.save(tmp / "model")
+        cert = certificate.issue(budget, method=recipe.method, delta_rule=delta_rule,
+                                 noise_rng=NoiseSource.description,
+                                 **_statement(module.privacy_statement(recipe.generator), recipe,
+                                              delta_rule, auto_channels))
+        _write_json(tmp / "recipe.json", dict(recipe.to_dict(), public=_public_record(public)))
+        _write_json(tmp / "certificate.json", cert)
+        (tmp / "CERTIFICATE.md").write_text(certificate.render(cert), encoding="utf-8")
+    return FitResult(Path(out), cert, recipe, list(gen.rejects))
+
+
+def _statement(stmt: dict, recipe: Recipe, delta_rule: str, auto_channels: bool) -> dict:
+    """The method's own privacy statement plus what every fit leaves unprotected."""
+    unprotected = ["the class names of the private folder (folder names or label values) and "
+                   "how many classes there are"]
+    if delta_rule.startswith("1 / (N ln N)"):
+        unprotected.append("the number of private image files N, used only to set delta")
+    if auto_channels:
+        unprotected.append("whether every private file is greyscale (data.channels=auto, read "
+                           "from file headers), which sets the channels of the output")
+    unprotected.append("the recipe and the pretrained public weights (public by assumption)")
+    return dict(stmt, unprotected=unprotected + stmt.get("unprotected", []))
+
+
+def _public_record(public: Path | None) -> dict:
+    return {"path": str(public) if public else None,
+            "used": "not by dp-mepf: its public side is the pretrained encoder"}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = False) -> Path:
+    """Write `n` synthetic images from a run as a dataset folder (no privacy cost)."""
+    run = Path(run)
+    if not (run / "model" / "config.json").is_file():
+        raise UsageError(f"{run} is not a privsynth run folder (no model/config.json)")
+    if n < 1:
+        raise UsageError(f"-n must be >= 1, got {n}")
+    cert = certificate.load(run)
+    recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
+                        if k != "public"})
+    sampler = method_module(recipe.method).Sampler.load(run / "model")
+    with torch.inference_mode():
+        images, labels = sampler.sample(n, seed=seed, balanced=balanced)
+    card = {"method": recipe.method, "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
+            "run": run.name, "seed": seed, "images": n}
+    return publish.write_dataset(Path(out), images, labels, sampler.classes,
+                                 certificate=cert, card=card)
