@@ -1,0 +1,31 @@
+"""Benchmark entry point: prepare data, fit -> sample -> evaluate, append a results row."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import mnist
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run one benchmark row."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one dataset x method x epsilon row")
+    run.add_argument("dataset", choices=["mnist"])
+    run.add_argument("--method", default="dp-mepf", choices=["dp-mepf"])
+    run.add_argument("--epsilon", type=float, required=True)
+    run.add_argument("--recipe", default=None, help="recipe file [default: recipes/mnist-<method>.toml]")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     help="recipe override section.key=value (repeatable)")
+    run.add_argument("--synthetic", type=int, default=60000, help="synthetic images to sample")
+    run.add_argument("--work", default="bench-work", help="folder for data, runs and reports")
+    run.add_argument("--results", default="benchmarks", help="folder holding RESULTS.md/results.jsonl")
+    run.add_argument("--ceiling", action="store_true", help="train on the real private split instead")
+    args = parser.parse_args(argv)
+    row = mnist.run(args)
+    print(row)
+    return 0
+
+
+sys.exit(main())

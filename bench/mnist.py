@@ -1,0 +1,109 @@
+"""MNIST with the DPImageBench protocol: 55k private / 5k validation / 10k test, delta = 1/(N ln N),
+60k class-conditional synthetic images, classifier epoch chosen on the validation split only."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from privsynth import recipe as recipes
+from privsynth import run as runs
+from privsynth.data import load, scan
+from privsynth.downstream import ClassifierConfig, accuracy, train_classifier
+
+MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.npz"
+SPLITS = {"private": (0, 55000), "val": (55000, 60000)}
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    """Write the three splits as ImageFolder PNG folders once (reused afterwards)."""
+    data = np.load(MNIST)
+    folders = {}
+    for name, (x, y) in {"private": (data["x_train"][:55000], data["y_train"][:55000]),
+                         "val": (data["x_train"][55000:], data["y_train"][55000:]),
+                         "test": (data["x_test"], data["y_test"])}.items():
+        folder = work / "data" / "mnist" / name
+        folders[name] = folder
+        done = folder / ".complete"
+        if done.exists():
+            continue
+        for i, (img, label) in enumerate(zip(x, y)):
+            (folder / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, "L").save(folder / str(label) / f"{i:05d}.png", compress_level=1)
+        done.write_text("ok\n")
+    return folders
+
+
+def _tensors(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    images = load(scan(folder), resolution=28, channels=1)
+    return images.images, images.labels
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(args) -> dict:
+    """One benchmark row; appended to RESULTS.md and results.jsonl."""
+    work = Path(args.work)
+    folders = prepare(work)
+    tag = f"mnist-{args.method}-eps{args.epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    recipe_file = Path(args.recipe or f"recipes/mnist-{args.method.replace('-', '')}.toml")
+    raw = recipes.apply_overrides(recipes.read(recipe_file), args.overrides)
+    recipe = recipes.with_privacy(recipes.resolve(raw), epsilon=args.epsilon)
+    times, t0 = {}, time.time()
+    last = [0.0]
+
+    def progress(what: str, done: int, total: int) -> None:
+        if time.time() - last[0] > 60 or done == total:
+            print(f"[{time.time() - t0:6.0f}s] {what} {done}/{total}", flush=True)
+            last[0] = time.time()
+
+    result = runs.fit(folders["private"], None, recipe, work / "runs" / tag, progress=progress)
+    times["fit_s"] = time.time() - t0
+    t1 = time.time()
+    synth = runs.sample(result.run, args.synthetic, work / "synth" / tag, seed=0)
+    times["sample_s"] = time.time() - t1
+    t2 = time.time()
+    sx, sy = _tensors(synth)
+    vx, vy = _tensors(folders["val"])
+    tx, ty = _tensors(folders["test"])
+    clf = ClassifierConfig()
+    model, curve = train_classifier(sx, sy, vx, vy, classes=10, config=clf)
+    times["classifier_s"] = time.time() - t2
+    row = {"dataset": "mnist", "method": args.method, "epsilon": result.certificate["epsilon"]["spent"],
+           "epsilon_target": args.epsilon, "delta": result.certificate["delta"],
+           "accountant": result.certificate["accountant"], "device": recipe.run.device,
+           "accuracy": accuracy(model, tx, ty), "val_curve": curve, "classifier": clf.to_dict(),
+           "synthetic": args.synthetic, **times,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "recipe": str(recipe_file), "overrides": args.overrides, "commit": _commit(),
+           "run": str(result.run)}
+    _append(Path(args.results), row)
+    return row
+
+
+def _append(folder: Path, row: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "results.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    table = folder / "RESULTS.md"
+    if not table.exists():
+        table.write_text("| dataset | method | eps | delta | accountant | device | accuracy % | "
+                         "fit s | sample s | peak RSS MB | commit | overrides |\n"
+                         "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    with open(table, "a") as fh:
+        fh.write(f"| {row['dataset']} | {row['method']} | {row['epsilon']:.3g} | {row['delta']:.2e} | "
+                 f"{row['accountant']} | {row['device']} | {100 * row['accuracy']:.2f} | "
+                 f"{row['fit_s']:.0f} | {row['sample_s']:.0f} | {row['peak_rss_mb']:.0f} | "
+                 f"{row['commit']} | {' '.join(row['overrides'])} |\n")

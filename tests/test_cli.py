@@ -1,0 +1,149 @@
+"""The CLI end to end: fit -> sample -> verify -> evaluate on a tiny folder, exit codes, help."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from privsynth.cli import app
+
+runner = CliRunner()
+TINY = ["--set", "dpmepf.steps=3", "--set", "dpmepf.batch_per_class=2", "--set", "dpmepf.width=16",
+        "--set", "data.resolution=16", "--set", "features.input_size=32"]
+
+
+def _fit(private: Path, out: Path, *extra: str, epsilon: str = "5"):
+    return runner.invoke(app, ["fit", str(private), "--method", "dp-mepf", "--epsilon", epsilon,
+                               "--out", str(out), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import make_folder
+
+    root = tmp_path_factory.mktemp("cli")
+    private = make_folder(root / "private")
+    result = _fit(private, root / "run", "--public", str(private), "--json")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_fit_writes_a_complete_run(fitted: Path) -> None:
+    run = fitted / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["CERTIFICATE.md", "certificate.json", "model",
+                                                     "recipe.json"]
+    assert sorted(p.name for p in (run / "model").iterdir()) == ["config.json",
+                                                                 "generator.safetensors"]
+    cert = json.loads((run / "certificate.json").read_text())
+    assert 5 * (1 - 2e-3) <= cert["epsilon"]["spent"] <= 5.0
+    assert [m["name"] for m in cert["mechanisms"]] == ["dpmepf.phi1", "dpmepf.phi2", "dpmepf.counts"]
+    n = 24  # files in the private folder: delta defaults to 1 / (N ln N)
+    import math
+    assert cert["delta"] == pytest.approx(1 / (n * math.log(n)))
+    assert "seed" not in json.dumps(cert["implementation"]["noise_rng"]).replace("seed_recorded", "")
+    recipe = json.loads((run / "recipe.json").read_text())
+    assert recipe["dpmepf"]["steps"] == 3 and recipe["data"]["channels"] == "1"
+    assert not list(fitted.glob(".run.partial-*"))
+
+
+def test_fit_refuses_to_overwrite(fitted: Path) -> None:
+    result = _fit(fitted / "private", fitted / "run")
+    assert result.exit_code == 2
+    assert "already exists" in result.output
+
+
+def test_unknown_recipe_key_suggests_the_right_one(fitted: Path, tmp_path: Path) -> None:
+    result = _fit(fitted / "private", tmp_path / "r", "--set", "dpmepf.stepz=4")
+    assert result.exit_code == 2
+    assert "did you mean 'steps'" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_private_folder_is_a_data_error(tmp_path: Path) -> None:
+    result = _fit(tmp_path / "nope", tmp_path / "r")
+    assert result.exit_code == 3
+
+
+def test_gdp_accountant_is_refused(fitted: Path, tmp_path: Path) -> None:
+    result = _fit(fitted / "private", tmp_path / "r", "--set", "privacy.accountant=gdp")
+    assert result.exit_code == 2 and "GDP" in result.output
+
+
+def test_sample_verify_and_tamper(fitted: Path) -> None:
+    out = fitted / "synth"
+    result = runner.invoke(app, ["sample", str(fitted / "run"), "-n", "20", "--out", str(out),
+                                 "--seed", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 20
+    assert {p.parent.name for p in pngs} <= {"circle", "square"}
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    assert runner.invoke(app, ["verify", str(fitted / "run")]).exit_code == 0
+    again = runner.invoke(app, ["sample", str(fitted / "run"), "-n", "20", "--out", str(out)])
+    assert again.exit_code == 2
+    data = bytearray(pngs[0].read_bytes())
+    data[-20] ^= 0xFF
+    pngs[0].write_bytes(bytes(data))
+    bad = runner.invoke(app, ["verify", str(out)])
+    assert bad.exit_code == 6 and "FAILED" in bad.output
+
+
+def test_verify_catches_an_edited_epsilon(fitted: Path, tmp_path: Path) -> None:
+    cert = json.loads((fitted / "run" / "certificate.json").read_text())
+    cert["mechanisms"][0]["noise_multiplier"] /= 2  # claims less noise than the recorded epsilon
+    (tmp_path / "certificate.json").write_text(json.dumps(cert))
+    assert runner.invoke(app, ["verify", str(tmp_path / "certificate.json")]).exit_code == 6
+
+
+def test_same_seed_same_images(fitted: Path) -> None:
+    a, b = fitted / "s_a", fitted / "s_b"
+    for out in (a, b):
+        assert runner.invoke(app, ["sample", str(fitted / "run"), "-n", "6", "--out", str(out),
+                                   "--seed", "7"]).exit_code == 0
+    assert (a / "MANIFEST.sha256").read_text() == (b / "MANIFEST.sha256").read_text()
+
+
+def test_evaluate_names_its_feature_space(fitted: Path) -> None:
+    from conftest import make_folder
+
+    real = make_folder(fitted / "real", seed=3)
+    synth = fitted / "synth_eval"
+    assert runner.invoke(app, ["sample", str(fitted / "run"), "-n", "24", "--out",
+                               str(synth)]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", str(synth), "--real", str(real), "--out",
+                                 str(fitted / "report"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((fitted / "report" / "report.json").read_text())
+    assert report["feature_space"]["name"] == "efficientnet-lite0"
+    assert report["fid"] >= 0
+
+
+def test_help_lists_the_commands_with_examples() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("fit", "sample", "evaluate", "verify"):
+        assert command in result.output
+    for command in ("fit", "sample", "evaluate", "verify"):
+        sub = runner.invoke(app, [command, "--help"])
+        assert sub.exit_code == 0 and "Examples" in sub.output
+
+
+def test_subprocess_end_to_end(tmp_path: Path) -> None:
+    """The installed entry point, as a shell pipeline would call it: JSON on stdout, codes."""
+    from conftest import make_folder
+
+    private = make_folder(tmp_path / "p", per_class=6)
+    env = dict(os.environ, NO_COLOR="1")
+    cmd = [sys.executable, "-m", "privsynth", "fit", str(private), "--method", "dp-mepf",
+           "--epsilon", "3", "--out", str(tmp_path / "run"), "--json", *TINY]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["epsilon"] <= 3.0 and Path(summary["run"]).is_dir()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "already exists" in again.stderr and again.stdout == ""
