@@ -1,0 +1,209 @@
+"""Publish a synthetic image set as a folder that torchvision and Hugging Face both read unchanged.
+
+Layout of `out/`:
+    <class>/<index:06d>.png   one PNG per image, no text/EXIF chunks; `index` is its row in `images`
+    metadata.jsonl            {"file_name": "<class>/<index>.png", "label": "<class>"} per image
+    certificate.json          the privacy certificate, as given
+    README.md                 a dataset card (method, epsilon, delta, counts, what DP covers)
+    MANIFEST.sha256           `sha256sum -c` format, every other file, sorted by path
+
+The folder appears all at once: it is written under a hidden sibling `.<name>.partial-<hex>` and
+renamed to `out` only when complete, so a crash never leaves a half dataset under the real name.
+Only classes with at least one image get a folder (torchvision refuses empty class folders); the
+card lists every class with its count, zeros included.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import secrets
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from privsynth import __version__
+from privsynth.errors import UsageError
+
+MANIFEST = "MANIFEST.sha256"
+METADATA = "metadata.jsonl"
+CERTIFICATE = "certificate.json"
+CARD = "README.md"
+RESERVED = {MANIFEST, METADATA, CERTIFICATE, CARD}
+PNG_COMPRESS_LEVEL = 6  # PIL's default. On MNIST digits 1 writes ~2x faster, files 3% larger; 9: 1% smaller
+
+
+def write_dataset(
+    out: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[str],
+    *,
+    certificate: dict,
+    card: dict,
+) -> Path:
+    """Write images, metadata, certificate, card and manifest to a new folder `out`; return it."""
+    out = Path(out)
+    pixels, label_list = _check_arrays(images, labels, len(classes))
+    classes = _check_classes(classes)
+    _check_target(out)
+    cert_text = json.dumps(certificate, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    card_text = render_card(card, classes, np.bincount(label_list, minlength=len(classes)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    partial.mkdir()  # a plain mkdir, not mkdtemp, so the folder gets the user's umask, not 0700
+    try:
+        digests = _write_images(partial, pixels, label_list, classes)
+        for name, text in ((CERTIFICATE, cert_text), (CARD, card_text)):
+            digests[name] = _write_bytes(partial / name, text.encode("utf-8"))
+        _write_manifest(partial, digests)
+        _publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of one file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_manifest(folder: Path) -> list[str]:
+    """Problems found checking `folder` against its MANIFEST.sha256; empty when all is well."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return [f"{MANIFEST} is missing"]
+    problems, listed = [], set()
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64 or not rel or rel.startswith("/") or ".." in rel.split("/"):
+            problems.append(f"{MANIFEST} line {n}: not '<sha256>  <relative path>'")
+            continue
+        listed.add(rel)
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"missing: {rel}")
+        elif sha256_file(path) != digest.lower():
+            problems.append(f"changed: {rel}")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    problems += [f"not in manifest: {rel}" for rel in sorted(present - listed - {MANIFEST})]
+    return problems
+
+
+def render_card(card: dict, classes: Sequence[str], counts: Sequence[int]) -> str:
+    """The dataset card (README.md): facts from `card` (method, epsilon, delta) and the counts."""
+    missing = [key for key in ("method", "epsilon", "delta") if key not in card]
+    if missing:
+        raise ValueError(f"card needs {', '.join(missing)}")
+    eps, delta = card["epsilon"], card["delta"]
+    rows = "\n".join(f"| {name} | {int(count)} |" for name, count in zip(classes, counts))
+    facts = {"method", "epsilon", "delta", "images", "classes"}  # counted here, never taken on trust
+    extra = "".join(f"- {k}: {v}\n" for k, v in sorted(card.items()) if k not in facts)
+    return f"""---
+tags: [synthetic, differential-privacy, privsynth]
+task_categories: [image-classification]
+---
+# Synthetic image dataset ({card["method"]}, ε = {eps:g}, δ = {delta:g})
+
+Every image in this folder is **synthetic**: drawn from a generative model trained with
+{card["method"]} under ({eps:g}, {delta:g})-differential privacy with respect to its private training
+images. Differential privacy bounds how much any one private training image can change what was
+released; the images, labels and class counts here are computed from that trained model (and any
+public data it used), so the guarantee covers all of them. It says nothing about the public data.
+`certificate.json` records how the budget was spent; `privsynth verify <this folder>` recomputes ε
+from it and checks every file against `MANIFEST.sha256`.
+
+- method: {card["method"]}
+- epsilon: {eps:g}
+- delta: {delta:g}
+- images: {int(sum(counts))}
+- classes: {len(classes)}
+- created by: privsynth {__version__}
+{extra}
+| class | images |
+|---|---|
+{rows}
+
+Layout: `<class>/<index>.png` (torchvision `ImageFolder`), `metadata.jsonl` (Hugging Face
+`imagefolder`), and `MANIFEST.sha256` (check with `sha256sum -c MANIFEST.sha256`).
+"""
+
+
+def _check_arrays(images: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be uint8 (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
+    if images.shape[0] == 0:
+        raise UsageError("nothing to publish: 0 images")
+    label_list = labels.detach().cpu().to(torch.int64).numpy()
+    if label_list.min() < 0 or label_list.max() >= n_classes:
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {label_list.min()}..{label_list.max()}")
+    return images.detach().cpu().numpy(), label_list
+
+
+def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
+    seen: dict[str, str] = {}
+    for name in classes:
+        if not isinstance(name, str) or not name or name in (".", "..") or name.startswith("."):
+            raise UsageError(f"class name {name!r} cannot be a folder name (empty, '.' or hidden)")
+        if any(ch in name for ch in "/\\") or not name.isprintable() or len(name.encode()) > 255:
+            raise UsageError(f"class name {name!r} cannot be a folder name (separator, control character or too long)")
+        if name in RESERVED:
+            raise UsageError(f"class name {name!r} would collide with the file {name}")
+        if name.casefold() in seen:  # two folders differing only in case merge on macOS and Windows
+            raise UsageError(f"class names {seen[name.casefold()]!r} and {name!r} differ only in case")
+        seen[name.casefold()] = name
+    return tuple(classes)
+
+
+def _check_target(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"{out} exists and is not a folder; refusing to overwrite it")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty; refusing to overwrite it")
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_images(folder: Path, pixels: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, str]:
+    digests, rows = {}, []
+    for label in np.unique(labels):
+        (folder / classes[label]).mkdir()
+    for index, (pixel, label) in enumerate(zip(pixels, labels)):
+        rel = f"{classes[label]}/{index:06d}.png"
+        buffer = io.BytesIO()
+        # HW -> "L", HWC -> "RGB". A fresh image carries no info dict, so PIL writes IHDR/IDAT/IEND
+        # only; transposing one image at a time avoids a second copy of the whole set.
+        array = pixel[0] if pixel.shape[0] == 1 else np.ascontiguousarray(pixel.transpose(1, 2, 0))
+        Image.fromarray(array).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        digests[rel] = _write_bytes(folder / rel, buffer.getvalue())
+        rows.append(json.dumps({"file_name": rel, "label": classes[label]}, ensure_ascii=False))
+    digests[METADATA] = _write_bytes(folder / METADATA, ("\n".join(rows) + "\n").encode("utf-8"))
+    return digests
+
+
+def _write_manifest(folder: Path, digests: dict[str, str]) -> None:
+    lines = [f"{digests[rel]}  {rel}\n" for rel in sorted(digests)]
+    (folder / MANIFEST).write_text("".join(lines), encoding="utf-8")
+
+
+def _publish(partial: Path, out: Path) -> None:
+    # rename(2) is atomic and replaces only an empty folder, so a racing writer is never clobbered.
+    try:
+        partial.rename(out)
+    except OSError as exc:
+        raise UsageError(f"cannot publish to {out}: {exc.strerror or exc}") from None
