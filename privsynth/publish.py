@@ -34,7 +34,9 @@ METADATA = "metadata.jsonl"
 CERTIFICATE = "certificate.json"
 CARD = "README.md"
 RESERVED = {MANIFEST, METADATA, CERTIFICATE, CARD}
-PNG_COMPRESS_LEVEL = 6  # PIL's default. On MNIST digits 1 writes ~2x faster, files 3% larger; 9: 1% smaller
+# PIL's default. Measured on 10k MNIST digits: level 1 writes ~2x faster for 3% larger files,
+# level 9 saves 1% more and is slower.
+PNG_COMPRESS_LEVEL = 6
 
 
 def write_dataset(
@@ -107,7 +109,7 @@ def render_card(card: dict, classes: Sequence[str], counts: Sequence[int]) -> st
         raise ValueError(f"card needs {', '.join(missing)}")
     eps, delta = card["epsilon"], card["delta"]
     rows = "\n".join(f"| {name} | {int(count)} |" for name, count in zip(classes, counts))
-    facts = {"method", "epsilon", "delta", "images", "classes"}  # counted here, never taken on trust
+    facts = {"method", "epsilon", "delta", "images", "classes"}  # counted here, not taken on trust
     extra = "".join(f"- {k}: {v}\n" for k, v in sorted(card.items()) if k not in facts)
     return f"""---
 tags: [synthetic, differential-privacy, privsynth]
@@ -116,10 +118,10 @@ task_categories: [image-classification]
 # Synthetic image dataset ({card["method"]}, ε = {eps:g}, δ = {delta:g})
 
 Every image in this folder is **synthetic**: drawn from a generative model trained with
-{card["method"]} under ({eps:g}, {delta:g})-differential privacy with respect to its private training
-images. Differential privacy bounds how much any one private training image can change what was
-released; the images, labels and class counts here are computed from that trained model (and any
-public data it used), so the guarantee covers all of them. It says nothing about the public data.
+{card["method"]} under ({eps:g}, {delta:g})-differential privacy with respect to its private
+training images. Differential privacy bounds how much any one private training image can change
+what was released; the images, labels and class counts here are computed from that trained model
+(and any public data it used), so the guarantee covers all of them. It says nothing about the public data.
 `certificate.json` records how the budget was spent; `privsynth verify <this folder>` recomputes ε
 from it and checks every file against `MANIFEST.sha256`.
 
@@ -139,16 +141,20 @@ Layout: `<class>/<index>.png` (torchvision `ImageFolder`), `metadata.jsonl` (Hug
 """
 
 
-def _check_arrays(images: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_arrays(
+    images: torch.Tensor, labels: torch.Tensor, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be uint8 (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+        got = f"{images.dtype} {tuple(images.shape)}"
+        raise ValueError(f"images must be uint8 (N, 1|3, H, W), got {got}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
     if images.shape[0] == 0:
         raise UsageError("nothing to publish: 0 images")
     label_list = labels.detach().cpu().to(torch.int64).numpy()
     if label_list.min() < 0 or label_list.max() >= n_classes:
-        raise ValueError(f"labels must lie in [0, {n_classes}), got {label_list.min()}..{label_list.max()}")
+        got = f"{label_list.min()}..{label_list.max()}"
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {got}")
     return images.detach().cpu().numpy(), label_list
 
 
@@ -158,11 +164,13 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
         if not isinstance(name, str) or not name or name in (".", "..") or name.startswith("."):
             raise UsageError(f"class name {name!r} cannot be a folder name (empty, '.' or hidden)")
         if any(ch in name for ch in "/\\") or not name.isprintable() or len(name.encode()) > 255:
-            raise UsageError(f"class name {name!r} cannot be a folder name (separator, control character or too long)")
+            raise UsageError(f"class name {name!r} cannot be a folder name "
+                             "(path separator, control character, or over 255 bytes)")
         if name in RESERVED:
             raise UsageError(f"class name {name!r} would collide with the file {name}")
         if name.casefold() in seen:  # two folders differing only in case merge on macOS and Windows
-            raise UsageError(f"class names {seen[name.casefold()]!r} and {name!r} differ only in case")
+            other = seen[name.casefold()]
+            raise UsageError(f"class names {other!r} and {name!r} differ only in case")
         seen[name.casefold()] = name
     return tuple(classes)
 
@@ -179,7 +187,9 @@ def _write_bytes(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_images(folder: Path, pixels: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, str]:
+def _write_images(
+    folder: Path, pixels: np.ndarray, labels: np.ndarray, classes: Sequence[str]
+) -> dict[str, str]:
     digests, rows = {}, []
     for label in np.unique(labels):
         (folder / classes[label]).mkdir()
