@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
@@ -27,10 +26,10 @@ from privsynth.errors import PrivsynthError, VerificationError
 class _Group(TyperGroup):
     """Maps library errors to exit codes: the only place that decides how privsynth exits."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: typer.Context) -> object:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (typer.TyperException, typer.Exit, typer.Abort):  # usage errors, --help, Ctrl-C
             raise
         except PrivsynthError as exc:
             err.print("[red]error:[/]", escape(str(exc)), highlight=False)
@@ -49,7 +48,7 @@ app = typer.Typer(
     name="privsynth", cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Differentially private synthetic image datasets, with a certificate anyone can re-check."
          "\n\nTypical use: fit (spends the privacy budget once) -> sample (free) -> evaluate.")
-err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
+err = Console(stderr=True, soft_wrap=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
 
 EXAMPLES_FIT = """
 Examples:\n
@@ -102,7 +101,7 @@ def fit(
                                                    "its pretrained encoder; recorded only).")] = None,
     method: Annotated[Optional[str], typer.Option(help="dp-mepf (or set `method` in the recipe).")] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon for the whole run.")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="Target delta [default: 1/(N ln N)].")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Target delta (default 1/(N ln N)).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe file (see recipes/).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: "
                                                       "section.key=value (repeatable).")] = None,

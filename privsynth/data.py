@@ -62,14 +62,10 @@ class ImageSet:
         return int(self.images.shape[0])
 
 
-def _is_hidden(path: Path) -> bool:
-    return path.name.startswith(".") or path.name.startswith("._")
-
-
 def _image_files(folder: Path) -> list[Path]:
     found = []
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not any(_is_hidden(p) for p in path.relative_to(folder).parts):
+        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 found.append(path)
     return found

@@ -61,6 +61,7 @@ class Budget:
         self.accountant = accountant
         self.charges: list[Charge] = list(charges)
         self._on_charge = on_charge  # write-ahead hook: persist before any noise is drawn
+        self._claimed: set[int] = set()  # indices of charges already used by a mechanism
         self.spent()  # validates delta and accountant now, not at the first charge
 
     def spent(self, extra: Sequence[Charge] = ()) -> float:
@@ -131,6 +132,18 @@ class Budget:
             mid = math.sqrt(a * b)
             a, b = (a, mid) if rdp(mid) <= self.epsilon_target else (mid, b)
         return b
+
+    def claim(self, charge: Charge) -> None:
+        """Mark one recorded charge equal to `charge` as used by a mechanism (BudgetError if none).
+
+        One charge pays for one release: a second mechanism with the same charge needs its own.
+        """
+        for i, recorded in enumerate(self.charges):
+            if recorded == charge and i not in self._claimed:
+                self._claimed.add(i)
+                return
+        raise BudgetError(f"mechanism {charge.name} was not charged to the budget before use "
+                          "(or its charge was already used by another mechanism)")
 
     def charge(self, charges: Sequence[Charge]) -> None:
         """Record `charges`; refuse (BudgetError) if they would exceed the target."""

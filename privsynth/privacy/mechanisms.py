@@ -30,9 +30,16 @@ class NoiseSource:
 
 
 def clip_rows(rows: torch.Tensor, bound: float) -> torch.Tensor:
-    """Scale each row down so its L2 norm is at most `bound` (rows already inside are unchanged)."""
-    norms = rows.norm(dim=1, keepdim=True)
-    return rows * torch.clamp(bound / torch.clamp(norms, min=1e-30), max=1.0)
+    """Scale each row down so its L2 norm is at most `bound` (rows already inside are unchanged).
+
+    Norms are taken of rows divided by their largest entry, so a finite row whose norm overflows
+    (entries above ~1e154) is still clipped to `bound`, not zeroed.
+    """
+    peak = rows.abs().amax(dim=1, keepdim=True)
+    unit = rows / torch.clamp(peak, min=torch.finfo(rows.dtype).tiny)
+    unit_norm = unit.norm(dim=1, keepdim=True)  # in [1, sqrt(dim)] for non-zero rows
+    outside = unit_norm * peak > bound
+    return torch.where(outside, unit * (bound / torch.clamp(unit_norm, min=1.0)), rows)
 
 
 class GaussianSum:
@@ -44,10 +51,9 @@ class GaussianSum:
 
     def __init__(self, budget: Budget, charge: Charge, slots: int, dim: int,
                  noise: NoiseSource) -> None:
-        if charge not in budget.charges:
-            raise BudgetError(f"mechanism {charge.name} was not charged to the budget before use")
         if charge.sample_rate != 1.0 or charge.steps != 1:
             raise BudgetError(f"{charge.name}: a one-shot release must have sample_rate=1, steps=1")
+        budget.claim(charge)  # recorded before use, and used by this mechanism only
         self.charge = charge
         self._sum = torch.zeros(slots, dim, dtype=torch.float64)
         self._noise = noise
