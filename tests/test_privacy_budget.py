@@ -39,7 +39,7 @@ def _assert_calibrated(budget: Budget, charges) -> float:
     total = _total(budget, charges)
     target = budget.epsilon_target
     assert total <= target, f"calibration overshot: {total} > {target}"
-    assert total >= target * (1 - CALIBRATION_RTOL), f"calibration wasted budget: {total} < {target}"
+    assert total >= target * (1 - CALIBRATION_RTOL), f"calibration left budget: {total} < {target}"
     return total
 
 

@@ -85,7 +85,8 @@ def _prv(entries: list[tuple[float, float, int]], delta: float) -> float:
                     return rdp
             else:
                 return rdp
-            prv = float(acc.get_epsilon(delta=delta, eps_error=eps_error, delta_error=delta_error))
+            prv = float(acc.get_epsilon(delta=delta, eps_error=eps_error,
+                                        delta_error=delta_error))
         except (RuntimeError, MemoryError, ValueError, OverflowError):
             # PRV's discretisation fails far from useful budgets (sigma << 1, epsilon in the hundreds).
             # RDP is also a valid upper bound, and deterministic, so `verify` reproduces it.
