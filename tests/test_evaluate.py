@@ -120,10 +120,15 @@ def test_matches_clean_fid_on_non_commuting_covariances() -> None:
     assert ours == pytest.approx(cleanfid.fid.frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
 
 
-def test_singular_covariances_give_a_finite_distance() -> None:
-    rng = np.random.default_rng(4)  # 10 rows in 50-d: rank-9 covariances
-    x, y = rng.standard_normal((10, 50)), rng.standard_normal((10, 50))
-    assert 0 < ev.fid_from_features(x, y) < 1e3
+@pytest.mark.parametrize("n1,n2,dim", [(10, 12, 50), (30, 40, 40), (200, 150, 20)])
+def test_row_and_covariance_routes_agree(n1: int, n2: int, dim: int) -> None:
+    # Fewer rows than dims goes through the rows (singular covariances); more through covariances.
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((n1, dim)), rng.standard_normal((n2, dim)) @ rng.standard_normal((dim, dim))
+    by_covariance = ev.frechet_distance(x.mean(0), np.cov(x, rowvar=False),
+                                        y.mean(0), np.cov(y, rowvar=False))
+    assert ev.fid_from_features(x, y) == pytest.approx(by_covariance, rel=1e-7)
+    assert np.isfinite(by_covariance) and by_covariance > 0
 
 
 def test_kid_is_seeded_and_leaves_the_global_rng_alone() -> None:
