@@ -40,6 +40,7 @@ class Config:
     batch_per_class: int = 10  # generated images per class per update
     lr: float = 1e-3  # Adam learning rate (cosine-decayed to 0)
     moving_average: float = 0.2  # weight of the current batch in the running generated mean
+    balance_phi2: bool = True  # scale the phi2 loss to the phi1 loss's magnitude (squares are tiny)
 
     def __post_init__(self) -> None:
         shares = (self.share_phi1, self.share_phi2, self.share_counts)
@@ -143,6 +144,9 @@ class Generator:
         target1, target2 = rel.phi1.to(self.device), rel.phi2
         labels = torch.arange(k, device=self.device).repeat_interleave(cfg.batch_per_class)
         avg1 = avg2 = None
+        w2 = 1.0
+        if target2 is not None and cfg.balance_phi2:  # from the releases only: post-processing
+            w2 = float(target1.pow(2).sum() / target2.pow(2).sum().clamp(min=1e-12))
         for step in range(cfg.steps):
             z = torch.randn(len(labels), cfg.latent_dim, device=self.device)
             feats = self.encoder(net(z, labels))
@@ -152,7 +156,7 @@ class Generator:
             if target2 is not None:
                 m2 = _class_means(feats ** 2, labels, k)
                 avg2 = m2 if avg2 is None else (1 - cfg.moving_average) * avg2.detach() + cfg.moving_average * m2
-                loss = loss + (avg2 - target2.to(self.device)).pow(2).sum()
+                loss = loss + w2 * (avg2 - target2.to(self.device)).pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

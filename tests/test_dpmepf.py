@@ -1,0 +1,111 @@
+"""DP-MEPF: each release moves by at most its declared sensitivity between neighbouring datasets
+(add/remove one image), the charges are calibrated to the target, and a sampler round-trips."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_folder
+from privsynth.data import scan
+from privsynth.features import load_encoder
+from privsynth.generators import dpmepf
+from privsynth.privacy import Budget
+
+
+class _NoNoise:
+    """Stands in for NoiseSource so the pre-noise sums can be compared exactly."""
+
+    description = {}
+
+    def normal(self, shape: tuple[int, ...], std: float) -> np.ndarray:
+        return np.zeros(shape)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder("efficientnet-lite0", input_size=32)
+
+
+def _sums(folder: Path, encoder, monkeypatch: pytest.MonkeyPatch, classes=("circle", "square")):
+    monkeypatch.setattr(dpmepf, "NoiseSource", _NoNoise)
+    listing = scan(folder)
+    assert listing.classes == classes
+    cfg = dpmepf.Config(steps=1)
+    gen = dpmepf.Generator(cfg, encoder, resolution=28, channels=1)
+    budget = Budget(epsilon=4.0, delta=1e-5, accountant="rdp")
+    charges = gen.plan(budget)
+    rel = gen.release(listing, budget, charges)
+    counts = rel.counts.double()
+    return {"phi1": rel.phi1.double() * counts[:, None], "phi2": rel.phi2.double() * counts[:, None],
+            "counts": counts}, {c.name: c.sensitivity for c in charges}
+
+
+ADVERSARIAL = {"black": np.zeros((28, 28)), "white": np.full((28, 28), 255),
+               "noise": np.random.default_rng(0).integers(0, 256, (28, 28)),
+               "checker": (np.indices((28, 28)).sum(0) % 2) * 255}
+
+
+@pytest.mark.parametrize("kind", sorted(ADVERSARIAL) + ["duplicate"])
+def test_each_release_moves_at_most_its_sensitivity(kind, tmp_path, encoder, monkeypatch) -> None:
+    base = make_folder(tmp_path / "d", per_class=4)
+    plus = make_folder(tmp_path / "d_plus", per_class=4)
+    target = plus / "square" / "extra.png"
+    if kind == "duplicate":
+        target.write_bytes((plus / "square" / "000.png").read_bytes())
+    else:
+        Image.fromarray(ADVERSARIAL[kind].astype(np.uint8), "L").save(target)
+    a, sens = _sums(base, encoder, monkeypatch)
+    b, _ = _sums(plus, encoder, monkeypatch)
+    assert sens == {"dpmepf.phi1": 1.0, "dpmepf.phi2": 0.1, "dpmepf.counts": 1.0}
+    for name in ("phi1", "phi2", "counts"):
+        moved = float((b[name] - a[name]).norm())
+        assert moved <= sens[f"dpmepf.{name}"] * (1 + 1e-6), (name, moved)
+    assert float((b["counts"] - a["counts"]).norm()) == pytest.approx(1.0)
+
+
+def test_encoder_rows_have_norm_at_most_one(encoder) -> None:
+    x = torch.cat([torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28), torch.rand(6, 1, 28, 28)])
+    norms = encoder(x).norm(dim=1)
+    assert bool((norms <= 1 + 1e-5).all())
+
+
+def test_plan_hits_the_target_and_shares_noise() -> None:
+    budget = Budget(epsilon=2.0, delta=1e-6)
+    charges = budget.calibrate(dpmepf.Config().plan)
+    assert 2.0 * (1 - 2e-3) <= budget.spent(charges) <= 2.0
+    sigma = {c.name: c.noise_multiplier for c in charges}
+    # shares of 1/sigma^2 are 0.75 / 0.15 / 0.10
+    inv = {k: 1 / v ** 2 for k, v in sigma.items()}
+    total = sum(inv.values())
+    assert inv["dpmepf.phi1"] / total == pytest.approx(0.75)
+    assert inv["dpmepf.counts"] / total == pytest.approx(0.10)
+
+
+def test_release_before_charge_is_refused(tmp_path, encoder) -> None:
+    listing = scan(make_folder(tmp_path / "d", per_class=2))
+    gen = dpmepf.Generator(dpmepf.Config(steps=1), encoder, resolution=28, channels=1)
+    other = Budget(epsilon=1.0, delta=1e-5)
+    charges = dpmepf.Config().plan(3.0)
+    with pytest.raises(Exception, match="not charged"):
+        gen.release(listing, other, charges)
+
+
+def test_sampler_round_trip_and_class_quota(tmp_path, encoder) -> None:
+    listing = scan(make_folder(tmp_path / "d", per_class=3))
+    cfg = dpmepf.Config(steps=2, batch_per_class=2, width=16)
+    gen = dpmepf.Generator(cfg, encoder, resolution=16, channels=1)
+    sampler = gen.fit(listing, Budget(epsilon=5.0, delta=1e-5))
+    sampler.save(tmp_path / "model")
+    again = dpmepf.Sampler.load(tmp_path / "model")
+    x1, y1 = sampler.sample(10, seed=3, balanced=True)
+    x2, y2 = again.sample(10, seed=3, balanced=True)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.dtype == torch.uint8 and x1.shape == (10, 1, 16, 16)
+    assert torch.bincount(y1, minlength=2).tolist() == [5, 5]
+    assert not list((tmp_path / "model").glob("*.pt")) and not list((tmp_path / "model").glob("*.pkl"))
+    assert math.isclose(sum(again.class_weights), 1.0, rel_tol=1e-6)
