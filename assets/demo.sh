@@ -11,8 +11,8 @@ echo "== 1/3 fit: spend epsilon=10 once on $here/demo/private" >&2
 privsynth fit "$here/demo/private" --public "$here/demo/public" --method dp-mepf --epsilon 10 \
   --recipe "$here/../recipes/demo-dpmepf.toml" --out "$out/run"
 
-echo "== 2/3 sample: 1000 synthetic digits (no privacy cost)" >&2
-privsynth sample "$out/run" -n 1000 --out "$out/synthetic" --seed 0
+echo "== 2/3 sample: 500 synthetic digits (no privacy cost)" >&2
+privsynth sample "$out/run" -n 500 --out "$out/synthetic" --seed 0
 
 echo "== 3/3 evaluate against 500 real test digits" >&2
 privsynth evaluate "$out/synthetic" --real "$here/demo/real-test" --out "$out/report"
