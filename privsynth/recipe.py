@@ -56,6 +56,11 @@ class FeaturesConfig:
     encoder: str = "efficientnet-lite0"  # or "open_clip:<model name>"
     weights: str = ""  # local weights file (or open_clip pretrained tag); "" = the default
     input_size: int = 32  # images are resized to this before the encoder
+    pixels: float = 0.5  # weight of the pooled-pixel block in each feature row (0 = none)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.pixels < 1.0:
+            raise UsageError(f"features.pixels must be in [0, 1), got {self.pixels}")
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
     recipe, delta_rule = resolve_for(recipe, listing)
     module = method_module(recipe.method)
     encoder = load_encoder(recipe.features.encoder, weights=recipe.features.weights or None,
-                           input_size=recipe.features.input_size)
+                           input_size=recipe.features.input_size, pixels=recipe.features.pixels)
     budget = Budget(epsilon=recipe.privacy.epsilon, delta=recipe.privacy.delta,
                     accountant=recipe.privacy.accountant)
     gen = module.Generator(recipe.generator, encoder, resolution=recipe.data.resolution,

@@ -68,10 +68,15 @@ def test_each_release_moves_at_most_its_sensitivity(kind, tmp_path, encoder, mon
     assert float((b["counts"] - a["counts"]).norm()) == pytest.approx(1.0)
 
 
-def test_encoder_rows_have_norm_at_most_one(encoder) -> None:
+@pytest.mark.parametrize("pixels", [0.0, 0.5, 0.9])
+def test_encoder_rows_have_norm_at_most_one(pixels: float) -> None:
+    enc = load_encoder("efficientnet-lite0", input_size=32, pixels=pixels)
     x = torch.cat([torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28), torch.rand(6, 1, 28, 28)])
-    norms = encoder(x).norm(dim=1)
-    assert bool((norms <= 1 + 1e-5).all())
+    rows = enc(x)
+    assert rows.shape[1] == enc.dim
+    assert bool((rows.norm(dim=1) <= 1 + 1e-5).all())
+    rgb = enc(torch.rand(2, 3, 28, 28))
+    assert bool((rgb.norm(dim=1) <= 1 + 1e-5).all())
 
 
 def test_plan_hits_the_target_and_shares_noise() -> None:
