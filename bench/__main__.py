@@ -21,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--synthetic", type=int, default=60000, help="synthetic images to sample")
     run.add_argument("--work", default="bench-work", help="folder for data, runs and reports")
     run.add_argument("--results", default="benchmarks", help="folder holding RESULTS.md/results.jsonl")
-    run.add_argument("--ceiling", action="store_true", help="train on the real private split instead")
     args = parser.parse_args(argv)
     row = mnist.run(args)
     print(row)

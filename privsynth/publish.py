@@ -19,7 +19,8 @@ import io
 import json
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from PIL import Image
 
 from privsynth import __version__
 from privsynth.errors import UsageError
+from privsynth.features import sha256_of
 
 MANIFEST = "MANIFEST.sha256"
 METADATA = "metadata.jsonl"
@@ -55,28 +57,29 @@ def write_dataset(
     _check_target(out)
     cert_text = json.dumps(certificate, indent=2, sort_keys=True, allow_nan=False) + "\n"
     card_text = render_card(card, classes, np.bincount(label_list, minlength=len(classes)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    partial.mkdir()  # a plain mkdir, not mkdtemp, so the folder gets the user's umask, not 0700
-    try:
+    with atomic_folder(out) as partial:
         digests = _write_images(partial, pixels, label_list, classes)
         for name, text in ((CERTIFICATE, cert_text), (CARD, card_text)):
             digests[name] = _write_bytes(partial / name, text.encode("utf-8"))
         _write_manifest(partial, digests)
+    return out
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a new hidden sibling of `out` to fill; rename it to `out` when the block succeeds,
+    delete it when it fails. `out` must not exist or be an empty folder (never overwritten)."""
+    out = Path(out)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    partial.mkdir()  # a plain mkdir, not mkdtemp, so the folder gets the user's umask, not 0700
+    try:
+        yield partial
         _publish(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return out
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of one file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_manifest(folder: Path) -> list[str]:
@@ -95,7 +98,7 @@ def verify_manifest(folder: Path) -> list[str]:
         path = folder / rel
         if not path.is_file():
             problems.append(f"missing: {rel}")
-        elif sha256_file(path) != digest.lower():
+        elif sha256_of(path) != digest.lower():
             problems.append(f"changed: {rel}")
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     problems += [f"not in manifest: {rel}" for rel in sorted(present - listed - {MANIFEST})]
@@ -177,9 +180,10 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
 
 def _check_target(out: Path) -> None:
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UsageError(f"{out} exists and is not a folder; refusing to overwrite it")
+        raise UsageError(f"{out} already exists and is not a folder; refusing to overwrite it")
     if out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty; refusing to overwrite it")
+        raise UsageError(f"{out} already exists and is not empty; refusing to overwrite it "
+                         "(choose a new --out)")
 
 
 def _write_bytes(path: Path, data: bytes) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,12 +205,3 @@ def from_dict(data: dict) -> Recipe:
     """Read back a `recipe.json` written by `Recipe.to_dict`."""
     return resolve(data)
 
-
-def describe_keys(method: str) -> list[tuple[str, Any]]:
-    """Every recipe key with its default, for `--help` and the README."""
-    rows = [("method", method)]
-    for name, cls in {**_SECTIONS, section_name(method): method_module(method).Config}.items():
-        defaults = cls() if name != "privacy" else PrivacyConfig()
-        if is_dataclass(defaults):
-            rows += [(f"{name}.{f.name}", getattr(defaults, f.name)) for f in fields(cls)]
-    return rows

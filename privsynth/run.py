@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -41,25 +38,6 @@ def default_delta(n: int) -> float:
     if n < 2:
         raise DataError(f"need at least 2 private images, found {n}")
     return 1.0 / (n * math.log(n))
-
-
-@contextmanager
-def _atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; rename it to `out` on success, delete it on failure."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists; choose a new --out (runs are never overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_for(recipe: Recipe, private: data.Listing) -> tuple[Recipe, str]:
@@ -92,7 +70,7 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
                     accountant=recipe.privacy.accountant)
     gen = module.Generator(recipe.generator, encoder, resolution=recipe.data.resolution,
                            channels=int(recipe.data.channels), device=recipe.run.device)
-    with _atomic_folder(out) as tmp:
+    with publish.atomic_folder(out) as tmp:
         sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress)
         sampler.save(tmp / "model")
         cert = certificate.issue(budget, method=recipe.method, delta_rule=delta_rule,

@@ -16,6 +16,7 @@ from torchvision.datasets import ImageFolder
 
 from privsynth import data, publish
 from privsynth.errors import UsageError
+from privsynth.features import sha256_of
 
 CARD = {"method": "dp-mepf", "epsilon": 1.0, "delta": 1e-5, "seed": 3}
 CERT = {"epsilon": {"spent": 1.0}, "delta": 1e-5}
@@ -115,7 +116,7 @@ def test_manifest_missing_or_malformed(tmp_path: Path, grey) -> None:
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(b"abc")
-    assert publish.sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert sha256_of(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
 @pytest.mark.skipif(shutil.which("sha256sum") is None, reason="no sha256sum binary")
@@ -146,10 +147,10 @@ def _chunk_types(raw: bytes) -> list[str]:
 
 def test_refuses_existing_folder_or_file(grey, tmp_path: Path) -> None:
     out, images, labels = grey
-    before = publish.sha256_file(out / "MANIFEST.sha256")
+    before = sha256_of(out / "MANIFEST.sha256")
     with pytest.raises(UsageError, match="not empty"):
         _write(out, images, labels)
-    assert publish.sha256_file(out / "MANIFEST.sha256") == before
+    assert sha256_of(out / "MANIFEST.sha256") == before
     (tmp_path / "file").write_text("keep me")
     with pytest.raises(UsageError, match="not a folder"):
         _write(tmp_path / "file", images, labels)

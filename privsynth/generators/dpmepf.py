@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -222,16 +222,3 @@ def _quota_labels(n: int, probs: torch.Tensor) -> torch.Tensor:
         counts[i] += 1
     return torch.repeat_interleave(torch.arange(len(probs)), counts)
 
-
-def config_from_dict(values: dict) -> Config:
-    """Config from a recipe section, refusing unknown keys."""
-    known = {f.name for f in fields(Config)}
-    unknown = set(values) - known
-    if unknown:
-        raise UsageError(f"unknown dpmepf keys: {', '.join(sorted(unknown))}")
-    return replace(Config(), **values)
-
-
-def config_to_dict(config: Config) -> dict:
-    """JSON form of a Config."""
-    return asdict(config)
