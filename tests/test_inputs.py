@@ -1,0 +1,240 @@
+"""The input zoo: every kind of messy file a private folder holds, each converted by a documented
+rule or rejected with a reason (RELIABILITY.md E). The zoo is generated here, never stored."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from privsynth import data
+from privsynth.errors import DataError
+
+NON_UTF8 = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_raw(width: int, height: int, depth: int, colour: int, rows: bytes) -> bytes:
+    """A PNG written by hand: Pillow cannot write 16-bit colour, nor a lying header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows))
+            + _chunk(b"IEND", b""))
+
+
+def png16(arr: np.ndarray) -> bytes:
+    """16-bit grey (H, W) or RGB (H, W, 3) PNG."""
+    colour = 0 if arr.ndim == 2 else 2
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
+    return png_raw(arr.shape[1], arr.shape[0], 16, colour, rows)
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **kw)
+    return buffer.getvalue()
+
+
+def grey(value: int, size: int = 8) -> Image.Image:
+    return Image.new("L", (size, size), value)
+
+
+def _exif_rotated() -> bytes:
+    """8x8, white top-left quadrant, EXIF orientation 6 (display rotated 90 degrees clockwise)."""
+    arr = np.zeros((8, 8), np.uint8)
+    arr[:4, :4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _save(Image.fromarray(arr), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def _animated_gif() -> bytes:
+    frames = [grey(0).convert("P"), grey(255).convert("P")]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+
+
+def _multipage_tiff() -> bytes:
+    return _save(grey(50), "TIFF", save_all=True, append_images=[grey(200)])
+
+
+def _palette_alpha() -> bytes:
+    img = Image.new("P", (8, 8), 1)
+    img.putpalette([200, 0, 0, 0, 200, 0] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    return _save(img, "PNG", transparency=1)  # index 1 (green) is fully transparent
+
+
+def _rgba() -> bytes:
+    arr = np.zeros((8, 8, 4), np.uint8)
+    arr[..., 0], arr[..., 3] = 255, 0
+    arr[0, 0] = (255, 0, 0, 255)
+    return _save(Image.fromarray(arr, "RGBA"), "PNG")
+
+
+def _truncated(fmt: str) -> bytes:
+    rng = np.random.default_rng(0)
+    whole = _save(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), fmt)
+    return whole[: len(whole) // 2]
+
+
+# name -> (bytes, expected: "ok" or a fragment of the reject reason)
+def zoo_files() -> dict[str, tuple[bytes, str]]:
+    ok = _save(grey(120), "PNG")
+    return {
+        "a/ok.png": (ok, "ok"),
+        "a/dup.png": (ok, "ok"),  # exact duplicate of ok.png: kept, counted by inspect
+        "a/UPPER.PNG": (_save(grey(90), "PNG"), "ok"),
+        "a/" + NON_UTF8: (_save(grey(60), "PNG"), "ok"),
+        "a/nested/deeper/deep.png": (_save(grey(30), "PNG"), "ok"),
+        "a/cmyk.jpg": (_save(Image.new("CMYK", (8, 8), (0, 255, 0, 0)), "JPEG"), "ok"),
+        "a/grey16.png": (png16(np.full((8, 8), 1000, np.uint16)), "ok"),
+        "a/rgb16.png": (png16(np.full((8, 8, 3), (65535, 32768, 1000), np.uint16)), "ok"),
+        "a/onebit.png": (_save(grey(255).convert("1"), "PNG"), "ok"),
+        "a/palette_alpha.png": (_palette_alpha(), "ok"),
+        "a/rgba.png": (_rgba(), "ok"),
+        "a/la.png": (_save(Image.merge("LA", [grey(255), grey(0)]), "PNG"), "ok"),
+        "a/exif_rotated.jpg": (_exif_rotated(), "ok"),
+        "a/animated.gif": (_animated_gif(), "ok"),
+        "a/multipage.tif": (_multipage_tiff(), "ok"),
+        "a/photo.webp": (_save(Image.new("RGB", (8, 8), (0, 0, 255)), "WEBP", lossless=True), "ok"),
+        "b/only.jpeg": (_save(Image.new("RGB", (12, 8), (10, 20, 30)), "JPEG"), "ok"),
+        "a/truncated.jpg": (_truncated("JPEG"), "truncated"),
+        "a/truncated.png": (_truncated("PNG"), "Error"),
+        "a/zero.png": (b"", "cannot identify"),
+        "a/text.png": (b"this is not an image\n", "cannot identify"),
+        "a/photo.heic": (b"\x00\x00\x00\x18ftypheic", "not an image type"),
+        "a/pcx_inside.png": (_save(Image.new("RGB", (4, 4)), "PCX"), "cannot identify"),
+        "a/bomb.png": (png_raw(100_000, 100_000, 8, 0, b"\x00" * 64), "decompression-bomb"),
+        "a/.DS_Store": (b"\x00\x00\x00\x01Bud1", "hidden file"),
+        "a/._ok.png": (ok, "hidden file"),
+        "a/.thumbs/t.png": (ok, "inside a hidden folder"),
+        "a/notes.txt": (b"notes", "not an image type"),
+        "loose.png": (ok, "not in a class folder"),
+    }
+
+
+def make_zoo(root: Path) -> dict[str, str]:
+    """Write the zoo under `root`; return {relative path as displayed: expected outcome}."""
+    expected = {}
+    for rel, (content, outcome) in zoo_files().items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        expected[data.display(rel)] = outcome
+    (root / "empty").mkdir()
+    (root / ".privsynth-dataset").write_text("id\n")  # the ledger's own marker: not an input
+    os.symlink("loop.png", root / "a" / "loop.png")  # a link to itself
+    os.symlink("..", root / "a" / "up")  # a folder link back up: would loop if followed
+    expected.update({"a/loop.png": "symlink loop", "a/up": "symlink to a folder"})
+    return expected
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("zoo") / "private"
+    return root, make_zoo(root)
+
+
+def test_every_zoo_entry_is_accepted_or_rejected_with_its_reason(zoo) -> None:
+    root, expected = zoo
+    listing = data.scan(root)
+    loaded = data.load(listing, resolution=8, channels=3)
+    rejects = dict(loaded.rejects)
+    accepted = len(loaded)
+    assert accepted + len(rejects) == len(expected) == listing.seen
+    for rel, outcome in expected.items():
+        if outcome == "ok":
+            assert rel not in rejects, (rel, rejects.get(rel))
+        else:
+            assert outcome.lower() in rejects[rel].lower(), (rel, rejects.get(rel))
+    assert listing.layout == "imagefolder" and listing.classes == ("a", "b")
+    assert accepted == sum(v == "ok" for v in expected.values()) == 17
+    notes = " | ".join(listing.notes)
+    assert "empty" in notes and "nested folders read into their top-level class: a" in notes
+
+
+def _one(root: Path, rel: str, channels: int = 3, resolution: int = 8) -> np.ndarray:
+    return data.read(root / rel, resolution, channels)
+
+
+def test_conversion_rules(zoo) -> None:
+    root, _ = zoo
+    assert (_one(root, "a/grey16.png", 1) == 4).all()  # round(1000 * 255 / 65535), not clipped
+    assert tuple(_one(root, "a/rgb16.png")[:, 3, 3]) == (255, 128, 3)  # high byte
+    rgba = _one(root, "a/rgba.png")
+    assert tuple(rgba[:, 0, 0]) == (255, 0, 0) and (rgba[:, 1:, 1:] == 0).all()  # alpha on black
+    pal = _one(root, "a/palette_alpha.png")
+    assert tuple(pal[:, 0, 0]) == (200, 0, 0) and (pal[:, 1:, 1:] == 0).all()
+    assert (_one(root, "a/la.png") == 0).all()
+    assert (_one(root, "a/onebit.png", 1) == 255).all()
+    assert (_one(root, "a/animated.gif", 1) == 0).all()  # first frame only
+    assert (_one(root, "a/multipage.tif", 1) == 50).all()  # first page only
+    cmyk = _one(root, "a/cmyk.jpg")
+    assert cmyk[0].mean() > 200 and cmyk[1].mean() < 60  # magenta ink -> (255, 0, 255)
+    rotated = _one(root, "a/exif_rotated.jpg", 1)[0]
+    assert rotated[:4, 4:].mean() > 200 and rotated[:4, :4].mean() < 50  # turned 90 degrees cw
+    assert _one(root, "b/only.jpeg").shape == (3, 8, 8)  # 12x8: centre square, no distortion
+
+
+def test_thin_strip_is_cropped_before_resizing(tmp_path: Path) -> None:
+    """A 1 x 200000 strip must not be scaled to 64 x 12.8 million pixels first."""
+    Image.new("L", (1, 200_000), 7).save(tmp_path / "strip.png")
+    assert (data.read(tmp_path / "strip.png", 64, 1) == 7).all()
+
+
+def test_bomb_is_rejected_from_its_header_under_1gb(tmp_path: Path) -> None:
+    (tmp_path / "bomb.png").write_bytes(png_raw(100_000, 100_000, 8, 0, b"\x00" * 64))
+    (tmp_path / "ok.png").write_bytes(_save(grey(1), "PNG"))
+    code = ("import resource, sys; from privsynth import data; "
+            f"s = data.load(data.scan({str(tmp_path)!r}), resolution=8, channels=1); "
+            "print(len(s), s.rejects[0][1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    n, *why, peak_kb = done.stdout.split()
+    assert n == "1" and "decompression-bomb" in " ".join(why)
+    assert int(peak_kb) < 1024 * 1024
+
+
+def test_folder_rules(tmp_path: Path) -> None:
+    for name in ("Cat", "cat"):
+        (tmp_path / "case" / name).mkdir(parents=True)
+        grey(1).save(tmp_path / "case" / name / "x.png")
+    with pytest.raises(DataError, match="differ only in case"):
+        data.scan(tmp_path / "case")
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    grey(1).save(tmp_path / "one" / "only" / "x.png")
+    single = data.scan(tmp_path / "one")
+    assert single.classes == ("only",) and "single class" in single.notes[0]
+    bad = tmp_path / "bad" / os.fsdecode(b"caf\xe9")
+    bad.mkdir(parents=True)
+    grey(1).save(bad / "x.png")
+    with pytest.raises(DataError, match="UTF-8"):
+        data.scan(tmp_path / "bad")
+    (tmp_path / "nothing" / ".hidden").mkdir(parents=True)
+    (tmp_path / "nothing" / ".hidden" / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="no images"):
+        data.scan(tmp_path / "nothing")
+
+
+def test_metadata_layout_rejects_unlisted_and_missing(tmp_path: Path) -> None:
+    for name in ("x.png", "y.png", "extra.png"):
+        grey(3).save(tmp_path / name)
+    rows = [{"file_name": "x.png", "label": "p"}, {"file_name": "y.png", "label": "q"},
+            {"file_name": "gone.png", "label": "q"}, {"file_name": "../out.png", "label": "q"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    listing = data.scan(tmp_path)
+    assert listing.classes == ("p", "q") and len(listing.files) == 2
+    reasons = dict(listing.skipped)
+    assert reasons == {"extra.png": "not listed in metadata.jsonl",
+                       "gone.png": "listed in metadata.jsonl but not found",
+                       "../out.png": "metadata.jsonl names a path outside the folder"}
