@@ -53,7 +53,8 @@ err = Console(stderr=True, soft_wrap=True, no_color=bool(os.environ.get("NO_COLO
 EXAMPLES_FIT = """
 Examples:\n
   privsynth fit assets/demo/private --public assets/demo/public --method dp-mepf --epsilon 10 --out runs/demo\n
-  privsynth fit ./xrays --method dp-mepf --epsilon 1 --recipe recipes/mnist-dpmepf.toml --set dpmepf.steps=500 --out runs/x1
+  privsynth fit ./xrays --method dp-mepf --epsilon 1 --recipe recipes/mnist-dpmepf.toml --set dpmepf.steps=500 --out runs/x1\n
+  privsynth fit assets/demo/private --public assets/demo/public --method privimage --epsilon 10 --recipe recipes/demo-privimage.toml --out runs/pi
 """
 
 
@@ -97,9 +98,11 @@ def fit(
     private: Annotated[Path, typer.Argument(help="Private image folder: ImageFolder (one sub-folder "
                                             "per class), flat (unlabelled) or with metadata.jsonl.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New run folder to write (never overwritten).")],
-    public: Annotated[Optional[Path], typer.Option(help="Public image folder (dp-mepf's public side is "
-                                                   "its pretrained encoder; recorded only).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="dp-mepf (or set `method` in the recipe).")] = None,
+    public: Annotated[Optional[Path], typer.Option(help="Public labelled image folder: privimage's "
+                                                   "query and pretraining data (dp-mepf only records "
+                                                   "it; its public side is the encoder).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="dp-mepf or privimage (or set `method` in the "
+                                                  "recipe).")] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon for the whole run.")] = None,
     delta: Annotated[Optional[float], typer.Option(help="Target delta (default 1/(N ln N)).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe file (see recipes/).")] = None,

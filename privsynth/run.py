@@ -64,20 +64,23 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
     auto_channels = recipe.data.channels == "auto"
     recipe, delta_rule = resolve_for(recipe, listing)
     module = method_module(recipe.method)
-    encoder = load_encoder(recipe.features.encoder, weights=recipe.features.weights or None,
-                           input_size=recipe.features.input_size, pixels=recipe.features.pixels)
+    encoder = None
+    if getattr(module, "USES_ENCODER", True):
+        encoder = load_encoder(recipe.features.encoder, weights=recipe.features.weights or None,
+                               input_size=recipe.features.input_size, pixels=recipe.features.pixels)
     budget = Budget(epsilon=recipe.privacy.epsilon, delta=recipe.privacy.delta,
                     accountant=recipe.privacy.accountant)
     gen = module.Generator(recipe.generator, encoder, resolution=recipe.data.resolution,
                            channels=int(recipe.data.channels), device=recipe.run.device)
     with publish.atomic_folder(out) as tmp:
-        sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress)
+        extra = {"public": public} if getattr(module, "USES_PUBLIC", False) else {}
+        sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress, **extra)
         sampler.save(tmp / "model")
         cert = certificate.issue(budget, method=recipe.method, delta_rule=delta_rule,
                                  noise_rng=NoiseSource.description,
                                  **_statement(module.privacy_statement(recipe.generator), recipe,
                                               delta_rule, auto_channels))
-        _write_json(tmp / "recipe.json", dict(recipe.to_dict(), public=_public_record(public)))
+        _write_json(tmp / "recipe.json", dict(recipe.to_dict(), public=_public_record(public, module)))
         _write_json(tmp / "certificate.json", cert)
         (tmp / "CERTIFICATE.md").write_text(certificate.render(cert), encoding="utf-8")
     return FitResult(Path(out), cert, recipe, list(gen.rejects))
@@ -96,9 +99,10 @@ def _statement(stmt: dict, recipe: Recipe, delta_rule: str, auto_channels: bool)
     return dict(stmt, unprotected=unprotected + stmt.get("unprotected", []))
 
 
-def _public_record(public: Path | None) -> dict:
-    return {"path": str(public) if public else None,
-            "used": "not by dp-mepf: its public side is the pretrained encoder"}
+def _public_record(public: Path | None, module: object) -> dict:
+    used = ("semantic query, selection and pretraining" if getattr(module, "USES_PUBLIC", False)
+            else "not by dp-mepf: its public side is the pretrained encoder")
+    return {"path": str(public) if public else None, "used": used}
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -5,7 +5,7 @@ from types import ModuleType
 
 from privsynth.errors import UsageError
 
-METHODS = ("dp-mepf",)
+METHODS = ("dp-mepf", "privimage")
 
 
 def method_module(name: str) -> ModuleType:
@@ -14,4 +14,8 @@ def method_module(name: str) -> ModuleType:
         from privsynth.generators import dpmepf
 
         return dpmepf
+    if name == "privimage":
+        from privsynth.generators import privimage
+
+        return privimage
     raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")

@@ -1,0 +1,71 @@
+"""PrivImage's semantic query: a classifier over the public classes, top-k labels, selection.
+
+The query classifier is trained on public images only (no privacy cost). Each private image then
+gives a multi-hot row of its top-k public labels (L2 norm sqrt(k)); the per-private-class sums of
+those rows are released once with Gaussian noise (privsynth.privacy.GaussianSum), and the public
+classes are chosen from that noisy histogram alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privsynth.downstream import SmallCNN
+
+
+def scaled(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def train_query(images: torch.Tensor, labels: torch.Tensor, classes: int, *, epochs: int,
+                batch: int = 128, lr: float = 1e-3, seed: int = 0,
+                device: str = "cpu") -> nn.Module:
+    """A small CNN classifying public images (uint8, already in the private format) by class."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SmallCNN(images.shape[1], classes).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=gen)
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch]
+            x = scaled(images[idx]).to(device)
+            loss = F.cross_entropy(model(x), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def topk_rows(model: nn.Module, images: torch.Tensor, k: int, *, batch: int = 512,
+              device: str = "cpu") -> torch.Tensor:
+    """Multi-hot float64 rows (N, public classes) marking each image's top-k public labels."""
+    rows = []
+    for start in range(0, len(images), batch):
+        logits = model(scaled(images[start:start + batch]).to(device)).cpu()
+        hot = torch.zeros(logits.shape, dtype=torch.float64)
+        rows.append(hot.scatter_(1, logits.topk(k, dim=1).indices, 1.0))
+    return torch.cat(rows)
+
+
+def select(histogram: torch.Tensor, per_class: int) -> list[list[int]]:
+    """Disjoint public classes per private class: the largest noisy cells first, greedily.
+
+    Deterministic given the histogram (ties broken by private, then public index).
+    """
+    n_priv, n_pub = histogram.shape
+    if n_priv * per_class > n_pub:
+        raise ValueError(f"{n_priv} private classes x {per_class} cannot be disjoint among "
+                         f"{n_pub} public classes")
+    cells = sorted(((-float(histogram[i, j]), i, j) for i in range(n_priv) for j in range(n_pub)))
+    chosen: list[list[int]] = [[] for _ in range(n_priv)]
+    taken: set[int] = set()
+    for _, i, j in cells:
+        if j not in taken and len(chosen[i]) < per_class:
+            chosen[i].append(j)
+            taken.add(j)
+    return chosen

@@ -1,0 +1,89 @@
+"""A class-conditional diffusers `UNet2DModel`, its DDPM loss and DDIM sampling with guidance.
+
+Label `classes` (one past the last class) is the "no label" used for classifier-free guidance.
+GroupNorm only (no BatchNorm), so the model can be trained with DP-SGD.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+TRAIN_TIMESTEPS = 1000  # DDPM schedule length (linear betas, as in DDPM)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of the denoiser."""
+
+    classes: int  # private classes; label `classes` means "unconditional"
+    channels: int  # image channels (1 or 3)
+    resolution: int  # image side; must be divisible by 2 ** (len(widths) - 1)
+    widths: tuple[int, ...] = (32, 64, 64)  # channels per resolution level
+    attention: tuple[bool, ...] = (False, True, True)  # self-attention at each level
+    layers_per_block: int = 1  # ResNet blocks per level
+    groups: int = 8  # GroupNorm groups (must divide every width)
+
+    def to_dict(self) -> dict:
+        """JSON-able form (for config.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        """Inverse of `to_dict`."""
+        return cls(**{**d, "widths": tuple(d["widths"]), "attention": tuple(d["attention"])})
+
+
+def build(cfg: UNetConfig) -> nn.Module:
+    """The diffusers UNet2DModel for `cfg`."""
+    from diffusers import UNet2DModel
+
+    if len(cfg.widths) != len(cfg.attention):
+        raise ValueError("widths and attention must have the same length")
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
+    return UNet2DModel(sample_size=cfg.resolution, in_channels=cfg.channels,
+                       out_channels=cfg.channels, block_out_channels=cfg.widths,
+                       layers_per_block=cfg.layers_per_block, down_block_types=down,
+                       up_block_types=up, norm_num_groups=cfg.groups,
+                       num_class_embeds=cfg.classes + 1, attention_head_dim=min(cfg.widths))
+
+
+def schedule(device: str | torch.device = "cpu") -> torch.Tensor:
+    """sqrt of cumulative alpha-bar for the linear DDPM betas, per timestep."""
+    betas = torch.linspace(1e-4, 0.02, TRAIN_TIMESTEPS, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float().to(device)
+
+
+def denoising_loss(net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                   eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Per-row epsilon-prediction MSE at timesteps `t` (x in [-1, 1])."""
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x + (1 - a).sqrt() * eps
+    pred = net(noisy, t, class_labels=y).sample
+    return (pred - eps).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def ddim_sample(model: nn.Module, labels: torch.Tensor, cfg: UNetConfig, *, steps: int,
+                guidance: float, generator: torch.Generator) -> torch.Tensor:
+    """Images in [-1, 1] for `labels` by deterministic DDIM with classifier-free guidance."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="linear",
+                          clip_sample=True)
+    sched.set_timesteps(steps)
+    device = next(model.parameters()).device
+    x = torch.randn(len(labels), cfg.channels, cfg.resolution, cfg.resolution,
+                    generator=generator).to(device)
+    labels = labels.to(device)
+    null = torch.full_like(labels, cfg.classes)
+    for t in sched.timesteps:
+        tt = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
+        both = model(torch.cat([x, x]), torch.cat([tt, tt]),
+                     class_labels=torch.cat([labels, null])).sample
+        cond, uncond = both.chunk(2)
+        eps = uncond + guidance * (cond - uncond)
+        x = sched.step(eps, t, x, eta=0.0).prev_sample
+    return x.clamp(-1, 1)

@@ -1,0 +1,191 @@
+"""PrivImage and DP-SGD: per-sample gradients on the real (tiny) UNet with attention against a
+one-example loop, clipping, empty Poisson batches, noise scale, budget composition with the
+semantic query, histogram sensitivity, deterministic selection, and a CLI fit -> sample."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from privsynth import certificate
+from privsynth.cli import app
+from privsynth.errors import BudgetError, UsageError
+from privsynth.generators import privimage, semantic, unet
+from privsynth.privacy import Budget, Charge, NoiseSource
+from privsynth.privacy.dpsgd import DPSGD, PerSampleGradients, clipped_sum
+
+TINY_UNET = unet.UNetConfig(classes=3, channels=1, resolution=8, widths=(8, 16),
+                            attention=(False, True), groups=4)
+
+
+def _batch(b: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 1, 8, 8, generator=g) * 2 - 1
+    t = torch.randint(0, unet.TRAIN_TIMESTEPS, (b,), generator=g)
+    y = torch.tensor([0, 3, 1, 2, 0, 3][:b])  # 3 = the "no label" class
+    return x, t, y, torch.randn(b, 1, 8, 8, generator=g)
+
+
+def _loss(alpha_bar):
+    return lambda net, x, t, y, e: unet.denoising_loss(net, x, t, y, e, alpha_bar)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return unet.build(TINY_UNET)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Per-example gradients by a plain loop over one-example batches."""
+    model, alpha_bar = _model(), unet.schedule()
+    x, t, y, e = _batch()
+    out = []
+    for i in range(len(x)):
+        model.zero_grad()
+        _loss(alpha_bar)(model, x[i:i + 1], t[i:i + 1], y[i:i + 1], e[i:i + 1]).sum().backward()
+        out.append([p.grad.clone() for p in model.parameters()])
+    return [torch.stack([r[k] for r in out]) for k in range(len(out[0]))]
+
+
+@pytest.mark.parametrize("mode", ["functorch", "vmap"])
+def test_per_sample_gradients_match_a_loop_on_the_unet_with_attention(mode, reference) -> None:
+    model = _model()
+    assert any("attentions" in n for n, _ in model.named_parameters())
+    grads = PerSampleGradients(model, mode)(_loss(unet.schedule()), *_batch())
+    assert len(grads) == len(reference)
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_hooks_mode_and_batchnorm_are_refused() -> None:
+    with pytest.raises(UsageError, match="hooks"):
+        PerSampleGradients(_model(), "hooks")
+    with pytest.raises(UsageError, match="DP-SGD"):
+        PerSampleGradients(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)))
+
+
+def test_noise_draws_are_averaged_per_example(reference) -> None:
+    """group=2 with each row duplicated gives back the per-example gradient."""
+    x, t, y, e = (v.repeat_interleave(2, 0) for v in _batch())
+    grads = PerSampleGradients(_model(), "vmap")(_loss(unet.schedule()), x, t, y, e, group=2)
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_clipping_bounds_every_example(reference) -> None:
+    bound = 0.5 * float(torch.stack([g.flatten(1).norm(dim=1) for g in reference]).norm(dim=0).min())
+    for i in range(reference[0].shape[0]):  # each example's contribution alone
+        one = clipped_sum([g[i:i + 1] for g in reference], bound)
+        assert math.sqrt(sum(float(s.pow(2).sum()) for s in one)) <= bound * (1 + 1e-6)
+    inside = clipped_sum(reference, 1e9)  # far inside the bound: plain sum
+    for got, g in zip(inside, reference):
+        torch.testing.assert_close(got, g.sum(0))
+
+
+def _mech(sigma: float = 2.0, q: float = 0.25, steps: int = 3, clip: float = 1.0):
+    charge = Charge("privimage.dpsgd", sigma, q, steps, clip, "test")
+    budget = Budget(epsilon=1e6, delta=1e-5, accountant="rdp", charges=[charge])
+    return DPSGD(budget, charge, expected_batch=4.0, noise=NoiseSource()), charge
+
+
+def test_empty_batch_adds_noise_and_counts_a_step() -> None:
+    mech, _ = _mech()
+    zeros = clipped_sum([torch.zeros(0, 50, 40)], 1.0)
+    g = mech.noisy_gradient(zeros)[0]
+    assert mech.steps_done == 1
+    # noise std = sigma * C / expected batch = 0.5
+    assert 0.5 * 0.85 < float(g.std()) < 0.5 * 1.15
+    mech.noisy_gradient(zeros), mech.noisy_gradient(zeros)
+    with pytest.raises(BudgetError, match="spent"):
+        mech.noisy_gradient(zeros)
+
+
+def test_poisson_batches_use_the_charged_rate_and_count() -> None:
+    mech, charge = _mech(q=0.1, steps=400)
+    sizes = [len(b) for b in mech.batches(50)]
+    assert len(sizes) == charge.steps
+    assert abs(np.mean(sizes) - 5.0) < 0.6 and min(sizes) == 0  # empty batches occur, are yielded
+
+
+def test_dpsgd_needs_its_own_recorded_charge() -> None:
+    charge = Charge("privimage.dpsgd", 1.0, 0.1, 10, 1.0, "test")
+    with pytest.raises(BudgetError):
+        DPSGD(Budget(epsilon=10, delta=1e-5, accountant="rdp"), charge, expected_batch=4, noise=NoiseSource())
+
+
+def test_dpsgd_sigma_is_calibrated_for_what_the_query_leaves() -> None:
+    cfg = privimage.Config(query_sigma=5.0, dp_steps=200, dp_batch=50)
+    budget = Budget(epsilon=2.0, delta=1e-5, accountant="rdp")  # fast; PRV in the CLI test
+    query, dpsgd = budget.calibrate(lambda s: cfg.plan(s, 1000))
+    assert query.noise_multiplier == 5.0 and query.sensitivity == 1.0
+    assert dpsgd.sample_rate == 0.05 and dpsgd.steps == 200
+    assert 2.0 * (1 - 2e-3) <= budget.spent([query, dpsgd]) <= 2.0
+    alone = Budget(epsilon=2.0, delta=1e-5, accountant="rdp").calibrate(lambda s: cfg.plan(s, 1000)[1:])[0]
+    assert alone.noise_multiplier < dpsgd.noise_multiplier  # the query's cost is accounted
+    with pytest.raises(BudgetError):  # a query that alone exceeds the budget
+        Budget(epsilon=0.05, delta=1e-5, accountant="rdp").calibrate(
+            lambda s: privimage.Config(query_sigma=1.0).plan(s, 1000))
+
+
+def test_histogram_rows_have_the_declared_sensitivity() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    images[0] = 0  # an all-black image
+    images[1] = images[2]  # a duplicate
+    for k in (1, 3):
+        rows = semantic.topk_rows(model, images, k)
+        norms = rows.norm(dim=1)  # one image's whole contribution: add/remove moves the sum by this
+        assert torch.allclose(norms, torch.full_like(norms, math.sqrt(k)))
+        charge = privimage.Config(query_topk=k).plan(1.0, 100)[0]
+        assert charge.sensitivity == pytest.approx(float(norms.max()))
+
+
+def test_selection_is_disjoint_and_deterministic() -> None:
+    hist = torch.tensor([[9.0, 8.0, 1.0, 0.0, 3.0], [9.5, 2.0, 7.0, 0.0, 6.0]])
+    assert semantic.select(hist, 2) == [[1, 4], [0, 2]]
+    assert semantic.select(hist.clone(), 2) == semantic.select(hist, 2)
+    chosen = semantic.select(torch.randn(4, 12), 3)
+    assert sorted(j for js in chosen for j in js) == sorted(set(j for js in chosen for j in js))
+    with pytest.raises(ValueError):
+        semantic.select(hist, 3)
+
+
+TINY = ["--set", "privimage.width=8", "--set", "data.resolution=8", "--set",
+        "privimage.pretrain_steps=2", "--set", "privimage.dp_steps=3", "--set",
+        "privimage.dp_batch=8", "--set", "privimage.physical_batch=4", "--set",
+        "privimage.query_epochs=1", "--set", "privimage.sample_steps=2", "--set",
+        "privimage.pretrain_batch=8", "--set", "privimage.noise_draws=2"]
+
+
+def test_cli_fit_sample_verify(tmp_path: Path) -> None:
+    from conftest import make_folder
+
+    private = make_folder(tmp_path / "private", per_class=10, size=8)
+    public = make_folder(tmp_path / "public", per_class=4, classes=tuple("abcde"), size=12, seed=3)
+    runner = CliRunner()
+    res = runner.invoke(app, ["fit", str(private), "--public", str(public), "--method", "privimage",
+                              "--epsilon", "4", "--out", str(tmp_path / "run"), "--json", *TINY])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    cert = json.loads((run / "certificate.json").read_text())
+    assert [m["name"] for m in cert["mechanisms"]] == ["privimage.query", "privimage.dpsgd"]
+    assert cert["mechanisms"][1]["sample_rate"] == pytest.approx(8 / 20)
+    assert 4 * (1 - 2e-3) <= cert["epsilon"]["spent"] <= 4.0
+    assert certificate.check(cert) == []
+    assert sorted(p.name for p in (run / "model").iterdir()) == ["config.json", "unet.safetensors"]
+    selection = json.loads((run / "model" / "config.json").read_text())["selection"]
+    assert sorted(j for js in selection.values() for j in js) == sorted(
+        set(j for js in selection.values() for j in js))
+    res = runner.invoke(app, ["sample", str(run), "-n", "6", "--out", str(tmp_path / "syn")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "syn").rglob("*.png"))) == 6
+    assert runner.invoke(app, ["verify", str(tmp_path / "syn")]).exit_code == 0
+    res = runner.invoke(app, ["fit", str(private), "--method", "privimage", "--epsilon", "4",
+                              "--out", str(tmp_path / "run2"), *TINY])
+    assert res.exit_code == 2 and "--public" in res.output
