@@ -155,32 +155,69 @@ def sample(
           json_out, f"{n} synthetic images written to {path}")
 
 
-@app.command(epilog="Examples:\n\n  privsynth evaluate synth/demo --real assets/demo/real-test --out reports/demo\n\n"
-                    "  privsynth evaluate synth/demo --real test/ --feature-space inception "
-                    "--inception-weights ~/weights/ --out reports/inc")
+EXAMPLES_EVALUATE = """
+Examples:\n
+  privsynth evaluate synth/demo --real assets/demo/private --test assets/demo/real-test --out reports/demo\n
+  privsynth evaluate synth/eps1 synth/eps3 synth/eps10 --real private/ --test test/ --out reports/sweep\n
+  privsynth evaluate synth/demo --real test/ --feature-space inception --inception-weights ~/weights/ --out reports/inc
+"""
+
+
+@app.command(epilog=EXAMPLES_EVALUATE)
 def evaluate(
-    synthetic: Annotated[Path, typer.Argument(help="Synthetic dataset folder (or any image folder).")],
-    real: Annotated[Path, typer.Option(help="Real image folder to compare with.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.json).")],
+    synthetic: Annotated[list[Path], typer.Argument(help="Synthetic dataset folder(s) (or any image "
+                                                    "folders); several make an epsilon sweep.")],
+    real: Annotated[Path, typer.Option(help="Real images: the private training folder (memorisation "
+                                       "is measured against it) or another real reference set.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.json, report.html).")],
+    test: Annotated[Optional[Path], typer.Option(help="Real images held out from training: the "
+                                                 "classifier's test set and the memorisation "
+                                                 "baseline.")] = None,
+    val: Annotated[Optional[Path], typer.Option(help="Real images held out from training to choose "
+                                                "the classifier's epoch (default: a 10% synthetic "
+                                                "split). Never the test set.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Neighbours for precision/recall.")] = 3,
+    classifier_epochs: Annotated[int, typer.Option(help="Epochs of the utility classifier "
+                                                   "(0: no classifier).")] = 10,
     feature_space: Annotated[str, typer.Option(help="efficientnet-lite0 (offline) or inception "
                                                "(clean-fid's InceptionV3).")] = "efficientnet-lite0",
     inception_weights: Annotated[Optional[Path], typer.Option(
         help="Folder or file holding inception-2015-12-05.pt (for --feature-space inception).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache features here (else no cache). "
-                                                      "Holds statistics of the real images.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache, keyed by file contents "
+                                                      "(default OUT/cache). Holds statistics of the "
+                                                      "real images.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
-    """Compare a synthetic dataset with real images: FID and KID via clean-fid, written to
-    report.json. Numbers computed on private images are not covered by the DP guarantee."""
+    """Compare synthetic dataset(s) with real images: FID, KID, precision/recall, downstream
+    accuracy and memorisation, in report.json and a self-contained report.html. Numbers
+    computed on real images are not covered by the DP guarantee: the report is for the owner."""
     from privsynth import evaluate as evaluation
+    from privsynth.downstream import ClassifierConfig
 
     bars = _Bars(sys.stderr.isatty() and not json_out)
     with bars.progress:
-        report = evaluation.evaluate(synthetic, real, out, feature_space=feature_space,
-                                     inception_weights=inception_weights, cache_dir=cache_dir,
-                                     progress=bars)
-    _emit(report, json_out, f"FID ({report['feature_space']['name']}) = {report['fid']:.4g}\n"
-          f"  report: {Path(out) / 'report.json'}")
+        report = evaluation.evaluate(
+            synthetic, real, out, test=test, val=val, k=k, feature_space=feature_space,
+            classifier=ClassifierConfig(epochs=classifier_epochs) if classifier_epochs > 0 else None,
+            inception_weights=inception_weights, cache_dir=cache_dir, overwrite=overwrite,
+            progress=bars)
+    _emit(report, json_out, _evaluation_summary(report, Path(out)))
+
+
+def _evaluation_summary(report: dict, out: Path) -> str:
+    """`evaluate`'s human-readable summary: one line per run."""
+    lines = [f"feature space: {report['feature_space']['name']} (not DP: computed on real images)"]
+    for run in report["runs"]:
+        eps = f"epsilon={run['privacy']['epsilon']:.4g} " if run.get("privacy") else ""
+        extra = ""
+        if "utility" in run:
+            extra += f" accuracy={run['utility']['accuracy']:.4f}"
+        if "memorisation" in run:
+            extra += f" near-copies={run['memorisation']['suspicious_fraction']:.2%}"
+        lines.append(f"  {run['name']}: {eps}FID={run['fid']:.4g} precision={run['precision']:.3f} "
+                     f"recall={run['recall']:.3f}{extra}")
+    return "\n".join(lines + [f"report: {out / 'report.html'} (and report.json)"])
 
 
 @app.command(epilog="Examples:\n\n  privsynth verify runs/demo\n\n  privsynth verify synth/demo")

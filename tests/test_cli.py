@@ -125,12 +125,21 @@ def test_evaluate_names_its_feature_space(fitted: Path) -> None:
     synth = fitted / "synth_eval"
     assert runner.invoke(app, ["sample", str(fitted / "run"), "-n", "24", "--out",
                                str(synth)]).exit_code == 0
-    result = runner.invoke(app, ["evaluate", str(synth), "--real", str(real), "--out",
+    test = make_folder(fitted / "test", per_class=6, seed=4)
+    result = runner.invoke(app, ["evaluate", str(synth), "--real", str(real), "--test", str(test),
+                                 "--classifier-epochs", "1", "--k", "2", "--out",
                                  str(fitted / "report"), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads((fitted / "report" / "report.json").read_text())
+    assert json.loads(result.stdout) == report
     assert report["feature_space"]["name"] == "efficientnet-lite0"
-    assert report["fid"] >= 0
+    run = report["runs"][0]
+    assert run["fid"] >= 0 and run["k"] == 2 and run["utility"]["recipe"]["epochs"] == 1
+    assert run["privacy"]["epsilon"] > 0 and "memorisation" in run
+    assert (fitted / "report" / "report.html").is_file()
+    again = runner.invoke(app, ["evaluate", str(synth), "--real", str(real), "--out",
+                                str(fitted / "report")])
+    assert again.exit_code == 2 and "already exists" in again.output
 
 
 def test_help_lists_the_commands_with_examples() -> None:

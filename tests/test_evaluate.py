@@ -24,6 +24,9 @@ import cleanfid.inception_torchscript  # noqa: F401 - imported before any write 
 import cleanfid.resize  # noqa: F401
 from conftest import make_folder
 from privsynth import evaluate as ev
+from privsynth import fidelity
+from privsynth.features import EFFICIENTNET_LITE0_SHA256
+from privsynth.downstream import ClassifierConfig
 from privsynth.errors import MissingResourceError, UsageError
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -86,14 +89,14 @@ def listing(folder: Path) -> set[str]:
 
 def test_frechet_distance_of_identical_sets_is_zero() -> None:
     feats = np.random.default_rng(0).standard_normal((500, 16))
-    assert ev.fid_from_features(feats, feats) == pytest.approx(0.0, abs=1e-9)
+    assert fidelity.fid_from_features(feats, feats) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_a_mean_shift_costs_its_squared_norm() -> None:
     rng = np.random.default_rng(1)
     feats = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16))  # correlated features
     delta = rng.standard_normal(16)
-    assert ev.fid_from_features(feats, feats + delta) == pytest.approx(delta @ delta, rel=1e-9)
+    assert fidelity.fid_from_features(feats, feats + delta) == pytest.approx(delta @ delta, rel=1e-9)
 
 
 def test_known_answer_with_a_trace_term() -> None:
@@ -101,7 +104,7 @@ def test_known_answer_with_a_trace_term() -> None:
     a, b = np.array([1.0, 4.0, 9.0, 0.25]), np.array([4.0, 1.0, 9.0, 1.0])
     mu1, mu2 = np.zeros(4), np.array([1.0, -2.0, 0.0, 0.5])
     expected = 1 + 4 + 0.25 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    assert fidelity.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_gaussian_samples_approach_the_analytic_value() -> None:
@@ -109,14 +112,14 @@ def test_gaussian_samples_approach_the_analytic_value() -> None:
     rng = np.random.default_rng(2)
     delta = np.array([0.5, -1.0, 0.0, 2.0])
     x, y = rng.standard_normal((40_000, 4)), 2 * rng.standard_normal((40_000, 4)) + delta
-    assert ev.fid_from_features(x, y) == pytest.approx(delta @ delta + 4, abs=0.1)
+    assert fidelity.fid_from_features(x, y) == pytest.approx(delta @ delta + 4, abs=0.1)
 
 
 def test_matches_clean_fid_on_non_commuting_covariances() -> None:
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((200, 20)), rng.standard_normal((200, 20)) @ rng.standard_normal((20, 20))
     mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0) + 0.3, np.cov(y, rowvar=False)
-    ours = ev.frechet_distance(mu1, s1, mu2, s2)
+    ours = fidelity.frechet_distance(mu1, s1, mu2, s2)
     assert ours == pytest.approx(cleanfid.fid.frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
 
 
@@ -125,9 +128,9 @@ def test_row_and_covariance_routes_agree(n1: int, n2: int, dim: int) -> None:
     # Fewer rows than dims goes through the rows (singular covariances); more through covariances.
     rng = np.random.default_rng(4)
     x, y = rng.standard_normal((n1, dim)), rng.standard_normal((n2, dim)) @ rng.standard_normal((dim, dim))
-    by_covariance = ev.frechet_distance(x.mean(0), np.cov(x, rowvar=False),
+    by_covariance = fidelity.frechet_distance(x.mean(0), np.cov(x, rowvar=False),
                                         y.mean(0), np.cov(y, rowvar=False))
-    assert ev.fid_from_features(x, y) == pytest.approx(by_covariance, rel=1e-7)
+    assert fidelity.fid_from_features(x, y) == pytest.approx(by_covariance, rel=1e-7)
     assert np.isfinite(by_covariance) and by_covariance > 0
 
 
@@ -136,11 +139,11 @@ def test_kid_is_seeded_and_leaves_the_global_rng_alone() -> None:
     x, y, z = rng.standard_normal((60, 8)), rng.standard_normal((50, 8)), rng.standard_normal((50, 8)) + 1
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
-    first = ev.kid_from_features(x, y, subsets=20, subset_size=30)
+    first = fidelity.kid_from_features(x, y, subsets=20, subset_size=30)
     assert np.array_equal(np.random.get_state()[1], before)
-    assert first == ev.kid_from_features(x, y, subsets=20, subset_size=30)
+    assert first == fidelity.kid_from_features(x, y, subsets=20, subset_size=30)
     assert first["std"] > 0 and first["subset_size"] == 30
-    assert abs(first["mean"]) < ev.kid_from_features(x, z, subsets=20, subset_size=30)["mean"]
+    assert abs(first["mean"]) < fidelity.kid_from_features(x, z, subsets=20, subset_size=30)["mean"]
 
 
 # --- evaluate() end to end -----------------------------------------------------------------------
@@ -162,22 +165,28 @@ def test_evaluate_end_to_end_offline_writes_only_its_report(
     finally:
         writes = _WRITES.pop()
     assert json.loads((out / "report.json").read_text()) == report
-    assert report["schema"] == "privsynth.report/1"
+    assert report["schema"] == "privsynth.report/2"
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
     space = report["feature_space"]
     assert space["name"] == "efficientnet-lite0" and space["is_inception"] is False
     assert "not comparable with Inception FID" in space["note"]
-    assert space["weights_sha256"] == ev.EFFICIENTNET_LITE0_SHA256 and space["input_size"] == 224
-    assert report["synthetic"]["images"] == report["real"]["images"] == 24
+    assert space["weights_sha256"] == EFFICIENTNET_LITE0_SHA256 and space["input_size"] == 224
+    run = report["runs"][0]
+    assert run["synthetic"]["images"] == report["real"]["images"] == 24
     assert report["real"]["classes"] == {"circle": 12, "square": 12}
-    assert report["fid"] > 0 and set(report["kid"]) >= {"mean", "std"}
-    assert set(report["per_class_fid"]) == {"circle", "square"}
-    assert {"fid", "kid", "per_class_fid"} <= set(report["not_covered_by_dp"])
+    assert run["fid"] > 0 and set(run["kid"]) >= {"mean", "std"}
+    assert set(run["per_class_fid"]) == {"circle", "square"}
+    assert 0 <= run["precision"] <= 1 and 0 <= run["recall"] <= 1 and run["k"] == 3
+    assert {"runs[0].fid", "runs[0].kid", "runs[0].per_class_fid", "real"} <= set(
+        report["not_covered_by_dp"])
     assert "owner only" in report["privacy_note"]
     assert report["versions"]["clean-fid"] == "0.1.35"
     assert report["throughput_images_per_s"] > 0 and report["wall_time_s"] > 0
-    assert calls[-1] == ("features of real images", 24, 24)
-    # Nothing outside `out`: no cache, no statistics in clean-fid's folder or the temp folder.
+    assert ("features of real images", 24, 24) in calls
+    # Nothing outside `out` (the feature cache is out/cache): no statistics in clean-fid's
+    # folder or the temp folder.
     assert str(out / "report.json.partial") in writes  # the audit hook sees writes
+    assert len(list((out / "cache").glob("*.safetensors"))) == 2
     outside = [w for w in writes if not w.startswith(str(out)) and "__pycache__" not in w]
     assert outside == []
     assert listing(package) == package_before
@@ -199,21 +208,23 @@ def test_cache_reuses_features_keyed_by_content(sets: tuple[Path, Path], tmp_pat
     first = ev.evaluate(*sets, tmp_path / "a", cache_dir=cache)
     assert len(list(cache.iterdir())) == 2 and first["throughput_images_per_s"] > 0
     again = ev.evaluate(*sets, tmp_path / "b", cache_dir=cache)
-    assert again["fid"] == first["fid"] and again["throughput_images_per_s"] is None
+    assert again["runs"][0]["fid"] == first["runs"][0]["fid"]
+    assert again["throughput_images_per_s"] is None
     synthetic = sets[0]
     png = sorted(synthetic.rglob("*.png"))[0]
     make_folder(tmp_path / "other", per_class=1, seed=9)  # a different image, same file name
     png.write_bytes(sorted((tmp_path / "other").rglob("*.png"))[0].read_bytes())
     changed = ev.evaluate(*sets, tmp_path / "c", cache_dir=cache)
-    assert len(list(cache.iterdir())) == 3 and changed["fid"] != first["fid"]
+    assert len(list(cache.iterdir())) == 3 and changed["runs"][0]["fid"] != first["runs"][0]["fid"]
 
 
 def test_unlabelled_sets_get_no_per_class_fid(tmp_path: Path, tiny: None) -> None:
     synthetic = image_set(tmp_path / "s", labelled=False)
     real = image_set(tmp_path / "r", seed=1)
     report = ev.evaluate(synthetic, real, tmp_path / "out")
-    assert "per_class_fid" not in report and "per_class_fid" not in report["not_covered_by_dp"]
-    assert report["synthetic"]["classes"] == {"all": 24}
+    assert "per_class_fid" not in report["runs"][0]
+    assert "runs[0].per_class_fid" not in report["not_covered_by_dp"]
+    assert report["runs"][0]["synthetic"]["classes"] == {"all": 24}
 
 
 def test_unknown_feature_space_is_a_usage_error(sets: tuple[Path, Path], tmp_path: Path) -> None:
@@ -259,3 +270,149 @@ def test_inception_download_failure_says_what_to_do(monkeypatch: pytest.MonkeyPa
         ev.load_feature_space("inception")
     _says_how_to_get_inception(str(info.value))
     assert not Path("/tmp", ev.INCEPTION_FILE).exists()
+
+
+# --- precision/recall, memorisation, utility, several runs, the HTML -----------------------------
+
+QUICK = ClassifierConfig(epochs=2, batch_size=16, width=4)  # a 4-channel CNN: seconds on 2 cores
+
+
+def leaves(obj: object, path: str = "") -> dict[str, object]:
+    """Every scalar of a JSON document by dotted path (list items as [i])."""
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in leaves(val, f"{path}.{key}".strip(".")).items()}
+    if isinstance(obj, list):
+        return {k: v for i, val in enumerate(obj) for k, v in leaves(val, f"{path}[{i}]").items()}
+    return {path: obj}
+
+
+def covered_by(path: str, declared: list[str]) -> bool:
+    return any(path == d or path.startswith(d + ".") or path.startswith(d + "[") for d in declared)
+
+
+def test_every_value_that_depends_on_real_images_is_declared_not_covered(
+        tmp_path: Path, tiny: None) -> None:
+    # Same synthetic set, two different real/test sets: whatever moves was computed from them.
+    synthetic = image_set(tmp_path / "s", seed=0)
+    (synthetic / "certificate.json").write_text(json.dumps({"epsilon": {"spent": 3.0}, "delta": 1e-5}))
+    reports = []
+    for seed in (1, 2):
+        real, test = image_set(tmp_path / f"r{seed}", seed=seed), image_set(tmp_path / f"t{seed}", seed=seed + 10)
+        reports.append(ev.evaluate(synthetic, real, tmp_path / f"out{seed}", test=test, classifier=QUICK))
+    a, b = leaves(reports[0]), leaves(reports[1])
+    declared = reports[0]["not_covered_by_dp"]
+    assert declared == reports[1]["not_covered_by_dp"] == ev.not_covered(reports[0])
+    incidental = ("wall_time_s", "throughput_images_per_s", "real.path", "test.path")
+    moved = {p for p in a if a[p] != b.get(p) and p not in incidental}
+    assert moved and all(covered_by(p, declared) for p in moved), sorted(
+        p for p in moved if not covered_by(p, declared))
+    # ... and every declared field is in the report, for this one run with every metric.
+    run = reports[0]["runs"][0]
+    assert set(declared) == {"real", "test"} | {f"runs[0].{k}" for k in ev.RUN_NOT_COVERED}
+    assert all(k in run for k in ev.RUN_NOT_COVERED)
+    assert run["memorisation"]["label"] == ev.MEMORISATION_LABEL
+    assert run["privacy"] == {"epsilon": 3.0, "delta": 1e-5, "accountant": None}
+    html_text = (tmp_path / "out1" / "report.html").read_text()
+    assert html_text.count(">not DP</span>") >= len(declared) and ev.MEMORISATION_LABEL in html_text
+
+
+def test_a_copied_private_image_is_found_and_named(tmp_path: Path, tiny: None) -> None:
+    synthetic, real = image_set(tmp_path / "s", seed=0), make_folder(tmp_path / "real", seed=1)
+    test = make_folder(tmp_path / "test", seed=2)
+    leaked = real / "square" / "005.png"
+    (synthetic / "square" / "003.png").write_bytes(leaked.read_bytes())
+    mem = ev.evaluate(synthetic, real, tmp_path / "out", test=test, classifier=None)["runs"][0]["memorisation"]
+    assert mem["exact_copies"] == 1 and mem["suspicious_fraction"] >= 1 / 24
+    top = mem["closest"][0]
+    assert (top["synthetic_file"], top["private_file"], top["distance"]) == (
+        "square/003.png", "square/005.png", 0.0)
+
+
+def test_utility_never_looks_at_the_test_set_to_choose(tmp_path: Path) -> None:
+    from privsynth.data import scan
+    from privsynth.downstream import utility
+
+    synthetic = scan(make_folder(tmp_path / "s", per_class=20, seed=0))
+    config = ClassifierConfig(epochs=3, batch_size=8, width=4)
+    got = [utility(synthetic, scan(make_folder(tmp_path / f"t{i}", seed=i)), None, resolution=28,
+                   config=config) for i in (1, 2)]
+    assert got[0]["validation_curve"] == got[1]["validation_curve"]
+    assert got[0]["selected_epoch"] == got[1]["selected_epoch"]
+    assert got[0]["train_images"] == 36 and got[0]["validation_images"] == 4
+    assert "synthetic split" in got[0]["selected_on"] and got[0]["channels"] == 1
+    assert got[0]["recipe"]["epochs"] == 3 and "SmallCNN" in got[0]["architecture"]
+    val = scan(make_folder(tmp_path / "v", per_class=5, seed=7))
+    real_val = utility(synthetic, scan(tmp_path / "t1"), val, resolution=28, config=config)
+    assert real_val["validation_images"] == 10 and real_val["train_images"] == 40
+    assert "--val" in real_val["selected_on"] and 0 <= real_val["accuracy"] <= 1
+    other = scan(make_folder(tmp_path / "o", classes=("circle", "star")))
+    assert "star" in utility(synthetic, other, None, resolution=28, config=config)["skipped"]
+
+
+def test_an_epsilon_sweep_is_plotted(tmp_path: Path, tiny: None) -> None:
+    real = make_folder(tmp_path / "real", seed=1)
+    runs = []
+    for eps, seed in ((0.5, 3), (2.0, 4), (8.0, 5)):
+        runs.append(image_set(tmp_path / f"eps{eps:g}", seed=seed))
+        (runs[-1] / "certificate.json").write_text(json.dumps({"epsilon": {"spent": eps}, "delta": 1e-5}))
+    report = ev.evaluate(runs, real, tmp_path / "out", k=5)
+    assert [r["privacy"]["epsilon"] for r in report["runs"]] == [0.5, 2.0, 8.0]
+    assert [r["name"] for r in report["runs"]] == ["eps0.5", "eps2", "eps8"]
+    assert all(r["k"] == 5 and "utility" not in r for r in report["runs"])
+    assert any("need --test" in n for n in report["runs"][0]["notes"])
+    page = (tmp_path / "out" / "report.html").read_text()
+    sweep = page[page.index("Quality against epsilon"):page.index("Image sets")]
+    assert sweep.count("<svg") == 2 and "epsilon (log)" in sweep
+    assert sweep.count("<circle") == 3 * 3  # FID, precision, recall: one dot per run
+
+
+def test_the_html_is_self_contained(sets: tuple[Path, Path], tmp_path: Path, tiny: None) -> None:
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    ev.evaluate(sets[0], sets[1], tmp_path / "out", test=make_folder(tmp_path / "t", seed=4),
+                classifier=QUICK)
+    page = (tmp_path / "out" / "report.html").read_text()
+    tags: list[tuple[str, dict]] = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            tags.append((tag, dict(attrs)))
+
+    Collect().feed(page)
+    names = {t for t, _ in tags}
+    assert not names & {"script", "link", "iframe", "object", "embed"}
+    assert not [a for _, a in tags if "href" in a]
+    images = [a["src"] for t, a in tags if t == "img"]
+    assert len(images) >= 2 * 2 + 8  # grids (2 classes x synthetic/real) + closest pairs
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    assert names >= {"svg", "table", "polyline"}
+
+
+@pytest.mark.slow
+def test_the_html_renders_in_headless_chromium(sets: tuple[Path, Path], tmp_path: Path,
+                                               tiny: None) -> None:
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium package is not installed")
+    ev.evaluate(sets[0], sets[1], tmp_path / "out", test=make_folder(tmp_path / "t", seed=4),
+                classifier=QUICK)
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,1600", f"--user-data-dir={tmp_path / 'profile'}",
+                    (tmp_path / "out" / "report.html").as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (1600, 1200)
+    assert pixels.std() > 20  # text, tables and sample grids, not a blank page
+    assert (pixels < 60).mean() > 0.01  # the dark sample grids were drawn
