@@ -1,10 +1,11 @@
-"""The `privsynth` command line: fit, sample, evaluate, verify.
+"""The `privsynth` command line: fit, sample, evaluate, verify, inspect.
 
 Results go to stdout (a JSON document with --json), progress and messages to stderr. Library
 errors become exit codes here and only here:
 0 ok, 1 unexpected error, 2 usage (flags, recipe), 3 data (unreadable input folder),
 4 budget (the privacy budget cannot pay), 5 missing resource (weights file),
-6 verification failed, 130 interrupted (Ctrl-C).
+6 verification failed, 130 interrupted (Ctrl-C), 141 stdout closed early (`| head`; quiet).
+No ANSI codes on stderr unless it is a terminal and NO_COLOR is unset.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ class _Group(TyperGroup):
         except KeyboardInterrupt:
             err.print("interrupted")
             ctx.exit(130)
+        except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit flush
+            ctx.exit(141)
         except Exception as exc:  # an unexpected bug: one line, no locals (set PRIVSYNTH_DEBUG=1)
             if os.environ.get("PRIVSYNTH_DEBUG"):
                 raise
@@ -47,8 +51,14 @@ class _Group(TyperGroup):
 app = typer.Typer(
     name="privsynth", cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Differentially private synthetic image datasets, with a certificate anyone can re-check."
-         "\n\nTypical use: fit (spends the privacy budget once) -> sample (free) -> evaluate.")
-err = Console(stderr=True, soft_wrap=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
+         "\n\nTypical use: inspect (free) -> fit (spends the privacy budget once) -> sample (free) "
+         "-> evaluate."
+         "\n\nExit codes: 0 ok, 1 internal error, 2 usage (flag, recipe, refusing to overwrite), "
+         "3 data (unreadable folder; any reject under --strict), 4 budget, 5 missing resource "
+         "(weights file), 6 verification failed, 130 interrupted, 141 stdout closed early.")
+_NO_COLOR = bool(os.environ.get("NO_COLOR"))  # https://no-color.org: and no cursor codes either
+err = Console(stderr=True, soft_wrap=True, no_color=_NO_COLOR or None,
+              force_terminal=False if _NO_COLOR else None)
 
 EXAMPLES_FIT = """
 Examples:\n
@@ -108,6 +118,8 @@ def fit(
     recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe file (see recipes/).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: "
                                                       "section.key=value (repeatable).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 3) if any entry of PRIVATE "
+                                         "would be rejected; checked before any budget is spent.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Spend the privacy budget once: train a generator on PRIVATE and write a run folder."""
@@ -120,7 +132,7 @@ def fit(
     resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta)
     bars = _Bars(sys.stderr.isatty() and not json_out)
     with bars.progress:
-        result = run.fit(private, public, resolved, out, progress=bars)
+        result = run.fit(private, public, resolved, out, progress=bars, strict=strict)
     cert = result.certificate
     for path, why in result.rejects[:10]:
         err.print(f"[yellow]skipped[/] {path}: {why}")
@@ -218,6 +230,44 @@ def _evaluation_summary(report: dict, out: Path) -> str:
         lines.append(f"  {run['name']}: {eps}FID={run['fid']:.4g} precision={run['precision']:.3f} "
                      f"recall={run['recall']:.3f}{extra}")
     return "\n".join(lines + [f"report: {out / 'report.html'} (and report.json)"])
+
+
+@app.command(epilog="Examples:\n\n  privsynth inspect ./xrays\n\n"
+                    "  privsynth inspect ./xrays --json | jq .rejects")
+def inspect(
+    private: Annotated[Path, typer.Argument(help="Image folder, read as `fit` would read it.")],
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 if any entry is rejected.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Preview what `fit` would read; spends no budget and writes nothing.
+
+    Counts per class, formats, modes, sizes, exact duplicates and every rejected entry with its
+    reason. The exact counts are for the data owner: they are not covered by the DP guarantee."""
+    from privsynth import data
+    from privsynth.errors import DataError
+
+    result = data.survey(data.scan(private))
+    _emit(result, json_out, _describe(result))
+    if strict and result["rejected"]:
+        raise DataError(f"--strict: {result['rejected']} of {result['seen']} entries rejected")
+
+
+def _describe(found: dict) -> str:
+    """`inspect`'s human-readable summary."""
+    def tally(counts: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+    dup = found["duplicates"]
+    lines = [f"{found['root']}: {found['layout']}, {found['seen']} entries seen: "
+             f"{found['accepted']} accepted, {found['rejected']} rejected",
+             f"  classes ({len(found['classes'])}): {tally(found['classes'])}",
+             f"  formats: {tally(found['formats'])}", f"  modes: {tally(found['modes'])}",
+             f"  sizes: {tally(dict(list(found['sizes'].items())[:5]))}"
+             + (f" (+{len(found['sizes']) - 5} more)" if len(found["sizes"]) > 5 else ""),
+             f"  exact duplicates: {dup['groups']} groups, {dup['extra_copies']} extra copies (kept)"]
+    lines += [f"  note: {note}" for note in found["notes"]]
+    lines += [f"  rejected {r['file']}: {r['reason']}" for r in found["rejects"]]
+    return "\n".join(lines)
 
 
 @app.command(epilog="Examples:\n\n  privsynth verify runs/demo\n\n  privsynth verify synth/demo")

@@ -34,17 +34,22 @@ Conversion rules:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from privsynth.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported by load() only: `privsynth inspect` starts in ~1 s, not ~5
+    import torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # JPEG includes MPO (multi-picture)
@@ -235,10 +240,14 @@ def _scan_metadata(root: Path, on_disk: list[Path], rejects: list[Reject]) -> Li
 
 def open_image(path: Path) -> Image.Image:
     """Open one file as its first frame, refusing other formats and oversized headers."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(path, formats=FORMATS)
+        except UnidentifiedImageError:
+            raise ValueError(f"not an image in an accepted format ({', '.join(FORMATS)})") from None
         except Image.DecompressionBombError as exc:  # Pillow's guard fired first (> 2x ours)
             raise ValueError(f"{exc.args[0].split(',')[0]} (decompression-bomb guard)") from None
     img.seek(0)
@@ -309,6 +318,8 @@ def load(listing: Listing, *, resolution: int, channels: int) -> ImageSet:
             rejects.append((display(path.relative_to(listing.root)), reason(exc)))
     if not arrays:
         raise DataError(f"{listing.root}: none of {len(listing.files)} files could be read")
+    import torch
+
     images = torch.from_numpy(np.stack(arrays))
     return ImageSet(images, torch.tensor(labels, dtype=torch.long), listing.classes, rejects,
                     torch.tensor(units, dtype=torch.long) if listing.units else None)
@@ -324,3 +335,63 @@ def grey_only(listing: Listing) -> bool:
         except Exception:  # noqa: BLE001 - unreadable files are rejected later, with a reason
             continue
     return True
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def survey(listing: Listing) -> dict:
+    """Decode every listed file as `fit` would and describe the folder: per-class counts, formats,
+    modes, sizes, exact duplicates (kept), notes and rejects. Writes nothing."""
+    counts = dict.fromkeys(listing.classes, 0)
+    formats: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    copies: Counter[str] = Counter()
+    rejects = list(listing.skipped)
+    for path, label in zip(listing.files, listing.labels):
+        try:
+            with open_image(path) as img:
+                fmt, mode, size = img.format, img.mode, img.size
+                convert(img, 8, 3)  # the checks and conversions fit applies, at a tiny size
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the same per-file rule as load()
+            rejects.append((display(path.relative_to(listing.root)), reason(exc)))
+            continue
+        counts[listing.classes[label]] += 1
+        formats[str(fmt)] += 1
+        modes[mode] += 1
+        sizes[f"{size[0]}x{size[1]}"] += 1
+        copies[_digest(path)] += 1
+    groups = [n for n in copies.values() if n > 1]
+    accepted = sum(counts.values())
+    return {"root": display(listing.root), "layout": listing.layout, "seen": listing.seen,
+            "accepted": accepted, "rejected": len(rejects), "classes": counts,
+            "formats": dict(formats.most_common()), "modes": dict(modes.most_common()),
+            "sizes": dict(sizes.most_common()),
+            "duplicates": {"groups": len(groups), "extra_copies": sum(groups) - len(groups),
+                           "rule": "exact duplicates are kept: each copy counts as an image"},
+            "notes": list(listing.notes),
+            "rejects": [{"file": f, "reason": why} for f, why in sorted(rejects)]}
+
+
+def require_clean(listing: Listing) -> None:
+    """DataError if any entry would be rejected (`--strict`): decodes every file, spends nothing."""
+    rejects = survey(listing)["rejects"]
+    if rejects:
+        shown = "; ".join(f"{r['file']}: {r['reason']}" for r in rejects[:3])
+        more = f" and {len(rejects) - 3} more" if len(rejects) > 3 else ""
+        raise DataError(f"--strict: {len(rejects)} of {listing.seen} entries in {display(listing.root)} "
+                        f"would be rejected ({shown}{more}); list them with `privsynth inspect`")
+
+
+def write_rejects(path: Path, rejects: list[Reject]) -> None:
+    """`rejects.jsonl`: one {"file", "reason"} row per rejected entry (owner-side: it names files)."""
+    rows = "".join(json.dumps({"file": f, "reason": why}) + "\n" for f, why in rejects)
+    Path(path).write_text(rows, encoding="utf-8")

@@ -1,6 +1,7 @@
 """A run directory: orchestrates fit and sample over folders. No math, no noise.
 
-`fit` writes RUN/recipe.json, RUN/certificate.json, RUN/CERTIFICATE.md and RUN/model/ into a
+`fit` writes RUN/recipe.json, RUN/certificate.json, RUN/CERTIFICATE.md, RUN/rejects.jsonl (owner-side:
+the private files it could not use, with reasons; never published) and RUN/model/ into a
 temporary sibling folder and renames it into place, so a run folder is complete or absent.
 """
 from __future__ import annotations
@@ -56,11 +57,13 @@ def resolve_for(recipe: Recipe, private: data.Listing) -> tuple[Recipe, str]:
 
 
 def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
-        progress: Progress | None = None) -> FitResult:
+        progress: Progress | None = None, strict: bool = False) -> FitResult:
     """Spend the budget once on `private_dir` and write a run directory at `out`."""
     if public is not None and not Path(public).exists():
         raise DataError(f"public source {public} does not exist")
     listing = data.scan(private_dir)
+    if strict:  # decodes every file once more, but before any budget is charged or recorded
+        data.require_clean(listing)
     auto_channels = recipe.data.channels == "auto"
     recipe, delta_rule = resolve_for(recipe, listing)
     module = method_module(recipe.method)
@@ -83,6 +86,7 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
         _write_json(tmp / "recipe.json", dict(recipe.to_dict(), public=_public_record(public, module)))
         _write_json(tmp / "certificate.json", cert)
         (tmp / "CERTIFICATE.md").write_text(certificate.render(cert), encoding="utf-8")
+        data.write_rejects(tmp / "rejects.jsonl", gen.rejects)  # owner-side; never published
     return FitResult(Path(out), cert, recipe, list(gen.rejects))
 
 

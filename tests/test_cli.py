@@ -45,7 +45,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fit_writes_a_complete_run(fitted: Path) -> None:
     run = fitted / "run"
     assert sorted(p.name for p in run.iterdir()) == ["CERTIFICATE.md", "certificate.json", "model",
-                                                     "recipe.json"]
+                                                     "recipe.json", "rejects.jsonl"]
+    assert (run / "rejects.jsonl").read_text() == ""  # a clean folder: nothing rejected
     assert sorted(p.name for p in (run / "model").iterdir()) == ["config.json",
                                                                  "generator.safetensors"]
     cert = json.loads((run / "certificate.json").read_text())
@@ -166,3 +167,66 @@ def test_subprocess_end_to_end(tmp_path: Path) -> None:
     assert summary["epsilon"] <= 3.0 and Path(summary["run"]).is_dir()
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr and again.stdout == ""
+
+
+def _inspect_cmd(folder: Path) -> list[str]:
+    return [sys.executable, "-m", "privsynth", "inspect", str(folder), "--json"]
+
+
+def test_closed_stdout_exits_quietly(tmp_path: Path) -> None:
+    """`privsynth inspect X --json | head -c1`: the reader is gone before we write."""
+    from conftest import make_folder
+
+    private = make_folder(tmp_path / "p", per_class=2)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    done = subprocess.run(_inspect_cmd(private), stdout=write_end, stderr=subprocess.PIPE,
+                          timeout=120)
+    os.close(write_end)
+    assert done.returncode == 141 and done.stderr == b""
+
+
+def test_no_ansi_codes_without_a_tty_or_with_no_color(tmp_path: Path) -> None:
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    piped = subprocess.run(_inspect_cmd(tmp_path / "nope"), capture_output=True, env=env,
+                           timeout=120)
+    assert piped.returncode == 3 and b"error:" in piped.stderr and b"\x1b" not in piped.stderr
+    leader, follower = pty.openpty()  # stderr is a terminal here: only NO_COLOR keeps it plain
+    for extra, coloured in (({"NO_COLOR": "1"}, False), ({"TERM": "xterm-256color"}, True)):
+        done = subprocess.run(_inspect_cmd(tmp_path / "nope"), stdout=subprocess.PIPE,
+                              stderr=follower, env=dict(env, **extra), timeout=120)
+        got = os.read(leader, 4096)
+        assert done.returncode == 3 and b"error:" in got and (b"\x1b[" in got) == coloured
+    os.close(leader)
+    os.close(follower)
+
+
+def test_user_errors_are_one_line_and_bugs_show_no_locals(tmp_path: Path, monkeypatch) -> None:
+    from privsynth import data
+
+    missing = runner.invoke(app, ["inspect", str(tmp_path / "nope")])
+    assert missing.exit_code == 3 and len(missing.stderr.strip().splitlines()) == 1
+
+    def boom(_root: object) -> None:
+        secret = "private-local-value"  # noqa: F841 - must never be printed
+        raise RuntimeError("boom")
+
+    monkeypatch.delenv("PRIVSYNTH_DEBUG", raising=False)
+    monkeypatch.setattr(data, "scan", boom)
+    bug = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert bug.exit_code == 1 and bug.stderr.strip() == "internal error: RuntimeError: boom"
+
+    def interrupt(_root: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "scan", interrupt)
+    assert runner.invoke(app, ["inspect", str(tmp_path)]).exit_code == 130
+
+
+def test_help_documents_the_exit_codes() -> None:
+    out = " ".join(runner.invoke(app, ["--help"]).output.split())  # undo rich's line wrapping
+    for code in ("0 ok", "1 internal error", "2 usage", "3 data", "4 budget", "5 missing resource",
+                 "6 verification failed", "130 interrupted", "141 stdout closed"):
+        assert code in out, code

@@ -110,10 +110,10 @@ def zoo_files() -> dict[str, tuple[bytes, str]]:
         "b/only.jpeg": (_save(Image.new("RGB", (12, 8), (10, 20, 30)), "JPEG"), "ok"),
         "a/truncated.jpg": (_truncated("JPEG"), "truncated"),
         "a/truncated.png": (_truncated("PNG"), "Error"),
-        "a/zero.png": (b"", "cannot identify"),
-        "a/text.png": (b"this is not an image\n", "cannot identify"),
+        "a/zero.png": (b"", "empty file"),
+        "a/text.png": (b"this is not an image\n", "accepted format"),
         "a/photo.heic": (b"\x00\x00\x00\x18ftypheic", "not an image type"),
-        "a/pcx_inside.png": (_save(Image.new("RGB", (4, 4)), "PCX"), "cannot identify"),
+        "a/pcx_inside.png": (_save(Image.new("RGB", (4, 4)), "PCX"), "accepted format"),
         "a/bomb.png": (png_raw(100_000, 100_000, 8, 0, b"\x00" * 64), "decompression-bomb"),
         "a/.DS_Store": (b"\x00\x00\x00\x01Bud1", "hidden file"),
         "a/._ok.png": (ok, "hidden file"),
@@ -132,7 +132,6 @@ def make_zoo(root: Path) -> dict[str, str]:
         path.write_bytes(content)
         expected[data.display(rel)] = outcome
     (root / "empty").mkdir()
-    (root / ".privsynth-dataset").write_text("id\n")  # the ledger's own marker: not an input
     os.symlink("loop.png", root / "a" / "loop.png")  # a link to itself
     os.symlink("..", root / "a" / "up")  # a folder link back up: would loop if followed
     expected.update({"a/loop.png": "symlink loop", "a/up": "symlink to a folder"})
@@ -220,6 +219,10 @@ def test_folder_rules(tmp_path: Path) -> None:
     grey(1).save(bad / "x.png")
     with pytest.raises(DataError, match="UTF-8"):
         data.scan(tmp_path / "bad")
+    (tmp_path / "own" / "x").mkdir(parents=True)
+    grey(1).save(tmp_path / "own" / "x" / "y.png")
+    (tmp_path / "own" / ".privsynth-dataset").write_text("ledger id\n")  # privsynth's own marker
+    assert data.scan(tmp_path / "own").seen == 1
     (tmp_path / "nothing" / ".hidden").mkdir(parents=True)
     (tmp_path / "nothing" / ".hidden" / "x.png").write_bytes(b"")
     with pytest.raises(DataError, match="no images"):
@@ -238,3 +241,89 @@ def test_metadata_layout_rejects_unlisted_and_missing(tmp_path: Path) -> None:
     assert reasons == {"extra.png": "not listed in metadata.jsonl",
                        "gone.png": "listed in metadata.jsonl but not found",
                        "../out.png": "metadata.jsonl names a path outside the folder"}
+
+
+# --- the command line on the zoo: inspect, fit --strict, rejects.jsonl, what sample publishes ---
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_inspect_reports_everything_and_writes_nothing(zoo, tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from privsynth.cli import app
+
+    root, expected = zoo
+    monkeypatch.chdir(tmp_path)
+    before = _tree(root)
+    result = CliRunner().invoke(app, ["inspect", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert found["accepted"] + found["rejected"] == found["seen"] == len(expected)
+    assert found["classes"] == {"a": 16, "b": 1}
+    assert found["duplicates"]["groups"] == 1 and found["duplicates"]["extra_copies"] == 1
+    assert {r["file"] for r in found["rejects"]} == {k for k, v in expected.items() if v != "ok"}
+    assert found["modes"]["I;16"] == 1 and found["formats"]["TIFF"] == 1
+    assert _tree(root) == before and not list(tmp_path.iterdir())
+    strict = CliRunner().invoke(app, ["inspect", str(root), "--strict"])
+    assert strict.exit_code == 3 and "rejected" in strict.stderr
+
+
+TINY = ["--set", "dpmepf.steps=2", "--set", "dpmepf.batch_per_class=2", "--set", "dpmepf.width=8",
+        "--set", "data.resolution=8", "--set", "features.input_size=32"]
+
+
+def test_fit_strict_refuses_before_any_budget(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from privsynth.cli import app
+
+    root = tmp_path / "private"
+    make_zoo(root)
+    result = CliRunner().invoke(app, ["fit", str(root), "--method", "dp-mepf", "--epsilon", "2",
+                                      "--out", str(tmp_path / "run"), "--strict", *TINY])
+    assert result.exit_code == 3, result.output
+    assert "--strict: 14 of 31 entries" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    assert not (root / ".privsynth-dataset").exists()  # refused before the ledger was touched
+
+
+def _png_chunks(blob: bytes) -> list[bytes]:
+    kinds, at = [], 8
+    while at < len(blob):
+        (length,) = struct.unpack(">I", blob[at:at + 4])
+        kinds.append(blob[at + 4:at + 8])
+        at += 12 + length
+    return kinds
+
+
+def test_fit_lists_rejects_and_sample_publishes_no_private_names(zoo, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from privsynth.cli import app
+
+    root, expected = zoo
+    run, synth = tmp_path / "run", tmp_path / "synth"
+    result = CliRunner().invoke(app, ["fit", str(root), "--method", "dp-mepf", "--epsilon", "2",
+                                      "--out", str(run), "--json", *TINY])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "rejects.jsonl").read_text().splitlines()]
+    assert {r["file"] for r in rows} == {k for k, v in expected.items() if v != "ok"}
+    assert json.loads(result.stdout)["rejected_files"] == len(rows) == 14
+    assert data.scan(root).seen == len(expected)  # fit left nothing the next scan would see
+    done = CliRunner().invoke(app, ["sample", str(run), "-n", "6", "--out", str(synth)])
+    assert done.exit_code == 0, done.output
+    pngs = sorted(synth.rglob("*.png"))
+    assert len(pngs) == 6
+    for png in pngs:
+        assert _png_chunks(png.read_bytes()) == [b"IHDR", b"IDAT", b"IEND"]  # no tEXt/eXIf/iTXt
+    names = [b"exif_rotated", b"palette_alpha", b"pcx_inside", b"multipage", b"truncated",
+             b"animated", b"grey16", b"UPPER", b"DS_Store", b"caf\xe9", b"caf\\xe9",
+             str(root).encode(), root.parent.name.encode()]
+    published = [p for p in synth.rglob("*") if p.is_file()] + [run / "certificate.json"]
+    assert not (synth / "rejects.jsonl").exists()
+    for path in published:
+        blob = path.read_bytes()
+        leaked = [n for n in names if n in blob]
+        assert not leaked, (path.name, leaked)

