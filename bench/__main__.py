@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from bench import mnist
+from bench.cost import MODES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--synthetic", type=int, default=60000, help="synthetic images to sample")
     run.add_argument("--work", default="bench-work", help="folder for data, runs and reports")
     run.add_argument("--results", default="benchmarks", help="folder holding RESULTS.md/results.jsonl")
+    cost = sub.add_parser("cost", help="DP-SGD step time / plain step time on the privimage UNet")
+    cost.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    cost.add_argument("--batch", type=int, default=32, help="examples per step")
+    cost.add_argument("--resolution", type=int, default=28)
+    cost.add_argument("--channels", type=int, default=1)
+    cost.add_argument("--device", default="cpu")
+    cost.add_argument("--reps", type=int, default=3, help="timed steps per mode (median)")
+    cost.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    cost.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = parser.parse_args(argv)
+    if args.command == "cost":
+        from bench import cost as costs
+
+        costs.run(args)
+        return 0
     row = mnist.run(args)
     print(row)
     return 0

@@ -53,7 +53,7 @@ class Config:
     dp_lr: float = 5e-4  # Adam on the noisy gradient
     noise_draws: int = 1  # (timestep, noise) draws averaged per example before clipping
     ema: float = 0.99  # EMA decay of the fine-tuned weights that are published
-    grad_sample_mode: str = "functorch"  # opacus functorch mode, or "vmap" (torch.func)
+    grad_sample_mode: str = "vmap"  # torch.func vmap, or "functorch" (opacus; exact, slower)
     sample_steps: int = 25  # DDIM steps when sampling
     guidance: float = 2.0  # classifier-free guidance scale (1 = plain conditional)
 

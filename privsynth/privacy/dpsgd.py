@@ -36,7 +36,7 @@ class PerSampleGradients:
     mode "functorch": opacus `GradSampleModule(force_functorch=True)`; "vmap": `torch.func`.
     """
 
-    def __init__(self, model: nn.Module, mode: str = "functorch") -> None:
+    def __init__(self, model: nn.Module, mode: str = "vmap") -> None:
         if mode not in GRAD_SAMPLE_MODES:
             raise UsageError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got "
                              f"{mode!r} (opacus 'hooks'/'ghost' give wrong gradients after "
