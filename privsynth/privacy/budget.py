@@ -133,6 +133,10 @@ class Budget:
             a, b = (a, mid) if rdp(mid) <= self.epsilon_target else (mid, b)
         return b
 
+    def unclaimed(self) -> list[Charge]:
+        """Recorded charges no mechanism has used yet (a resumed fit's written-ahead charges)."""
+        return [c for i, c in enumerate(self.charges) if i not in self._claimed]
+
     def claim(self, charge: Charge) -> None:
         """Mark one recorded charge equal to `charge` as used by a mechanism (BudgetError if none).
 
