@@ -39,9 +39,9 @@ def versions() -> dict[str, str]:
 
 def issue(budget: Budget, *, method: str, privacy_unit: str, delta_rule: str,
           unprotected: list[str], post_processing: str, noise_rng: dict,
-          notes: list[str] = ()) -> dict:
-    """The certificate of everything `budget` was charged for."""
-    return {
+          notes: list[str] = (), unit: dict | None = None) -> dict:
+    """The certificate of everything `budget` was charged for (fields: certificate_schema.json)."""
+    cert = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "guarantee": "(epsilon, delta)-differential privacy of the whole run's output "
@@ -61,6 +61,9 @@ def issue(budget: Budget, *, method: str, privacy_unit: str, delta_rule: str,
         "notes": list(notes),
         "implementation": {"method": method, "noise_rng": noise_rng, "versions": versions()},
     }
+    if unit is not None:  # the unit as data, and how its contribution is bounded
+        cert["unit"] = dict(unit)
+    return cert
 
 
 def recompute(cert: dict) -> float:
@@ -113,6 +116,7 @@ def render(cert: dict) -> str:
               f"(target epsilon {eps['target']:.4g}), accounted with the "
               f"{cert['accountant'].upper()} accountant.", "",
               f"- **Privacy unit:** {cert['privacy_unit']}",
+              *([f"- **Per-unit bound:** {cert['unit']['bound']}"] if cert.get("unit") else []),
               f"- **Neighbouring datasets:** {cert['neighbouring_relation']}",
               f"- **Delta:** {cert['delta_rule']}",
               f"- **What it covers:** {cert['guarantee']}.",

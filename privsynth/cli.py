@@ -118,21 +118,31 @@ def fit(
     recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe file (see recipes/).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: "
                                                       "section.key=value (repeatable).")] = None,
+    unit: Annotated[Optional[str], typer.Option(help="Privacy unit: image (default), column:NAME "
+                                                "(metadata.jsonl) or folder:K.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Name of PRIVATE in the budget ledger "
+                                                   "(default: a random id kept in "
+                                                   "PRIVATE/.privsynth-dataset).")] = None,
+    ledger: Annotated[Optional[Path], typer.Option(help="Budget ledger folder (default "
+                                                   "$PRIVSYNTH_LEDGER or ~/.local/share/"
+                                                   "privsynth/ledger).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 3) if any entry of PRIVATE "
                                          "would be rejected; checked before any budget is spent.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
-    """Spend the privacy budget once: train a generator on PRIVATE and write a run folder."""
+    """Spend the privacy budget once: train a generator on PRIVATE and write a run folder.
+    The spend is recorded in PRIVATE's budget ledger; a fit past its limit is refused."""
     from privsynth import recipe as recipes
     from privsynth import run
 
     raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
     if method is not None:
         raw["method"] = method
-    resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta)
+    resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta, unit=unit)
     bars = _Bars(sys.stderr.isatty() and not json_out)
     with bars.progress:
-        result = run.fit(private, public, resolved, out, progress=bars, strict=strict)
+        result = run.fit(private, public, resolved, out, progress=bars, dataset=dataset,
+                         ledger_dir=ledger, strict=strict)
     cert = result.certificate
     for path, why in result.rejects[:10]:
         err.print(f"[yellow]skipped[/] {path}: {why}")
@@ -230,6 +240,48 @@ def _evaluation_summary(report: dict, out: Path) -> str:
         lines.append(f"  {run['name']}: {eps}FID={run['fid']:.4g} precision={run['precision']:.3f} "
                      f"recall={run['recall']:.3f}{extra}")
     return "\n".join(lines + [f"report: {out / 'report.html'} (and report.json)"])
+
+
+@app.command(epilog="Examples:\n\n  privsynth budget\n\n  privsynth budget ./xrays --limit 8 "
+                    "--delta 1e-6\n\n  privsynth budget xrays-2024 --json")
+def budget(
+    dataset: Annotated[Optional[str], typer.Argument(help="A private folder or a --dataset name; "
+                                                     "none lists every dataset.")] = None,
+    limit: Annotated[Optional[float], typer.Option(help="Set the total epsilon limit: a fit that "
+                                                   "would pass it is refused.")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="Delta at which the limit holds (default: "
+                                                   "the smallest delta of the recorded fits).")] = None,
+    remove_limit: Annotated[bool, typer.Option("--remove-limit", help="Remove the limit.")] = False,
+    ledger: Annotated[Optional[Path], typer.Option(help="Ledger folder (default $PRIVSYNTH_LEDGER "
+                                                   "or ~/.local/share/privsynth/ledger).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Show (or limit) what fits have spent on a private dataset, all fits composed."""
+    from privsynth.privacy import ledger as ledgers
+
+    if dataset is None:
+        if limit is not None or remove_limit:
+            raise typer.BadParameter("name the dataset whose limit to set", param_hint="DATASET")
+        folder = ledgers.location(ledger)
+        rows = [ledgers.summary(ledgers.Ledger(folder, key)) for key in ledgers.datasets(folder)]
+        _emit({"ledger": str(folder), "datasets": rows}, json_out, "\n".join(
+            [f"ledger: {folder}"] + ([_budget_line(r) for r in rows] or ["  (no fits recorded)"])))
+        return
+    book = ledgers.open_ledger(dataset, ledger, create=limit is not None)
+    if limit is not None or remove_limit:
+        book.set_limit(None if remove_limit else limit, delta)
+    row = ledgers.summary(book)
+    fits = [f"  {f['created']}  {f['method']}  epsilon={f['epsilon']:.4g} delta={f['delta']:.3g}"
+            f"  {f['status']}  {f['run']}" for f in row["fits"]]
+    _emit(row, json_out, "\n".join([_budget_line(row), *fits]))
+
+
+def _budget_line(row: dict) -> str:
+    spent, limit = row["spent"], row["limit"]
+    at = f" (delta {spent['delta']:.3g})" if spent["delta"] else ""
+    cap = f" of limit {limit['epsilon']:g} (delta {limit['delta']:.3g})" if limit else ", no limit set"
+    return (f"{row['dataset']}: {len(row['fits'])} fit(s), epsilon spent {spent['epsilon']:.4g}"
+            f"{at}{cap}; unit: {row['unit'] or '-'}")
 
 
 @app.command(epilog="Examples:\n\n  privsynth inspect ./xrays\n\n"

@@ -93,7 +93,8 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.
         if acc > best_acc:
             best, best_acc = copy.deepcopy(model.state_dict()), acc
         if progress:
-            progress(f"classifier epoch {epoch + 1} (val {acc:.4f})", epoch + 1, config.epochs)
+            progress(f"classifier (epoch {epoch + 1}: validation {acc:.4f})", epoch + 1,
+                     config.epochs)
     model.load_state_dict(best)
     return model.eval(), curve
 

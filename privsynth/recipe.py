@@ -17,6 +17,7 @@ from typing import Any
 
 from privsynth.errors import UsageError
 from privsynth.generators import METHODS, method_module
+from privsynth.privacy.units import parse as parse_unit
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ class PrivacyConfig:
     epsilon: float = 0.0
     delta: float = 0.0
     accountant: str = "prv"
+    unit: str = "image"  # privacy unit: "image", "column:NAME" (metadata.jsonl) or "folder:K"
 
     def __post_init__(self) -> None:
+        parse_unit(self.unit)  # UsageError naming the accepted forms
         if self.accountant not in ("prv", "rdp"):
             raise UsageError(f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}"
                              + (" (GDP under-reports epsilon)" if self.accountant == "gdp" else ""))

@@ -8,6 +8,21 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ledger_outside_home(tmp_path_factory: pytest.TempPathFactory):
+    """Every fit records to a budget ledger: keep the tests' ledgers out of the real home folder
+    (subprocesses inherit the variable)."""
+    import os
+
+    old = os.environ.get("PRIVSYNTH_LEDGER")
+    os.environ["PRIVSYNTH_LEDGER"] = str(tmp_path_factory.mktemp("ledger"))
+    yield
+    if old is None:
+        os.environ.pop("PRIVSYNTH_LEDGER", None)
+    else:
+        os.environ["PRIVSYNTH_LEDGER"] = old
+
+
 def make_folder(root: Path, per_class: int = 12, classes: tuple[str, ...] = ("circle", "square"),
                 size: int = 28, seed: int = 0) -> Path:
     """An ImageFolder of grey shapes: each class a different bright shape on black, with noise."""

@@ -364,6 +364,11 @@ def test_an_epsilon_sweep_is_plotted(tmp_path: Path, tiny: None) -> None:
     sweep = page[page.index("Quality against epsilon"):page.index("Image sets")]
     assert sweep.count("<svg") == 2 and "epsilon (log)" in sweep
     assert sweep.count("<circle") == 3 * 3  # FID, precision, recall: one dot per run
+    from privsynth.cli import _evaluation_summary
+
+    lines = _evaluation_summary(report, tmp_path / "out").splitlines()
+    assert len(lines) == 5 and lines[2].startswith("  eps2: epsilon=2 FID=")
+    assert "not DP" in lines[0] and lines[-1].endswith("report.html (and report.json)")
 
 
 def test_the_html_is_self_contained(sets: tuple[Path, Path], tmp_path: Path, tiny: None) -> None:

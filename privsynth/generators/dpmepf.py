@@ -23,6 +23,8 @@ from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
 
 Progress = Callable[[str, int, int], None]
+# Every release bounds a whole privacy unit (privacy.unit), not only one image (see release()).
+USER_LEVEL = True
 
 
 @dataclass(frozen=True)
@@ -113,17 +115,21 @@ class Generator:
         self.rejects = list(images.rejects)
         k, dim, noise = len(private.classes), self.encoder.dim, NoiseSource()
         by_name = {c.name: c for c in charges}
-        mech = {name: GaussianSum(budget, c, k, 1 if name.endswith("counts") else dim, noise)
+        # User-level privacy: a unit's rows are weighted 1/(its listed files) inside the mechanism.
+        sizes = (torch.bincount(torch.tensor(private.units)).tolist() if private.units else None)
+        mech = {name: GaussianSum(budget, c, k, 1 if name.endswith("counts") else dim, noise,
+                                  unit_sizes=sizes)
                 for name, c in by_name.items()}
         step = self.config.feature_batch
         for start in range(0, len(images), step):
             x = images.images[start:start + step].to(self.device, torch.float32) / 255.0
             y = images.labels[start:start + step]
+            u = None if images.units is None else images.units[start:start + step]
             feats = self.encoder(x).double().cpu()
-            mech["dpmepf.phi1"].add(feats, y)
+            mech["dpmepf.phi1"].add(feats, y, u)
             if "dpmepf.phi2" in mech:
-                mech["dpmepf.phi2"].add(feats ** 2, y)
-            mech["dpmepf.counts"].add(torch.ones(len(y), 1, dtype=torch.float64), y)
+                mech["dpmepf.phi2"].add(feats ** 2, y, u)
+            mech["dpmepf.counts"].add(torch.ones(len(y), 1, dtype=torch.float64), y, u)
             if progress:
                 progress("encoding private images", min(start + step, len(images)), len(images))
         counts = mech["dpmepf.counts"].release()[:, 0].clamp(min=1.0)

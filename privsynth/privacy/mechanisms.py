@@ -6,6 +6,7 @@ stored or logged, and `--seed` never reaches this module.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class GaussianSum:
     """
 
     def __init__(self, budget: Budget, charge: Charge, slots: int, dim: int,
-                 noise: NoiseSource) -> None:
+                 noise: NoiseSource, *, unit_sizes: Sequence[int] | None = None) -> None:
         if charge.sample_rate != 1.0 or charge.steps != 1:
             raise BudgetError(f"{charge.name}: a one-shot release must have sample_rate=1, steps=1")
         budget.claim(charge)  # recorded before use, and used by this mechanism only
@@ -58,15 +59,35 @@ class GaussianSum:
         self._sum = torch.zeros(slots, dim, dtype=torch.float64)
         self._noise = noise
         self._released = False
+        # User-level privacy: unit u may add at most sizes[u] rows, each weighted 1/sizes[u].
+        self._sizes = None if unit_sizes is None else torch.tensor(list(unit_sizes), dtype=torch.float64)
+        self._used = None if unit_sizes is None else torch.zeros(len(unit_sizes), dtype=torch.float64)
 
-    def add(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """Accumulate one row per unit into its slot, after clipping to the sensitivity."""
+    def add(self, rows: torch.Tensor, slots: torch.Tensor, units: torch.Tensor | None = None) -> None:
+        """Accumulate rows into their slots after clipping each to the sensitivity.
+
+        Without `unit_sizes`, each row is one unit. With them, `units` names each row's unit, and
+        a unit's rows are weighted 1/size, so a whole unit moves the sum by at most the sensitivity
+        (more rows than its size is refused: the bound would break).
+        """
         if self._released:
             raise BudgetError(f"{self.charge.name} was already released; it cannot take more data")
+        if (units is None) != (self._sizes is None):
+            raise BudgetError(f"{self.charge.name}: rows must name their units exactly when the "
+                              "mechanism was built with unit sizes")
         rows = rows.detach().to(torch.float64)
         if not torch.isfinite(rows).all():
             raise BudgetError(f"{self.charge.name}: non-finite statistics; nothing was released")
-        self._sum.index_add_(0, slots.to(torch.long), clip_rows(rows, self.charge.sensitivity))
+        rows = clip_rows(rows, self.charge.sensitivity)
+        if units is not None:
+            units = units.to(torch.long)
+            used = self._used.index_add(0, units, torch.ones(len(units), dtype=torch.float64))
+            if bool((used > self._sizes).any()):
+                raise BudgetError(f"{self.charge.name}: a unit added more rows than its declared "
+                                  "size; nothing was released")
+            self._used = used
+            rows = rows / self._sizes[units][:, None]
+        self._sum.index_add_(0, slots.to(torch.long), rows)
 
     def release(self) -> torch.Tensor:
         """The noisy sums (float64). Can be called once."""
