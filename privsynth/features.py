@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -128,6 +130,8 @@ class OpenClipImageTower(Encoder):
 
         if Path(weights).suffix and not Path(weights).is_file():
             raise MissingResourceError(f"open_clip weights file not found: {weights}")
+        if not Path(weights).suffix:
+            weights = _open_clip_tag(open_clip, model_name, weights)
         try:
             model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=weights)
         except RuntimeError as exc:
@@ -145,6 +149,31 @@ class OpenClipImageTower(Encoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = (self._prepare(x) - self.mean) / self.std
         return F.normalize(self.visual(x), dim=1)
+
+
+def _open_clip_tag(open_clip: object, model_name: str, tag: str) -> str:
+    """`tag` when huggingface.co answers within a second, else its cached weights file, else a
+    MissingResourceError naming the file to fetch (huggingface_hub would retry for ~a minute)."""
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=1.0).close()
+            return tag
+        except OSError:
+            pass
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    repo = cfg.get("hf_hub", "").strip("/")
+    names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    for name in names if repo else ():
+        cached = try_to_load_from_cache(repo, name)
+        if isinstance(cached, str):
+            return cached
+    where = f"https://huggingface.co/{repo}/resolve/main/{names[1]}" if repo else cfg.get("url", "")
+    raise MissingResourceError(
+        f"open_clip {model_name} weights {tag!r} are not on this machine and huggingface.co cannot "
+        f"be reached: download {where or 'them'} on a connected machine and pass the file as "
+        "features.weights=PATH")
 
 
 class WithPixels(Encoder):

@@ -67,3 +67,17 @@ def test_inception_without_network_names_file_and_url(offline: None, tmp_path: P
                 fidelity.INCEPTION_FILE, fidelity.INCEPTION_URL)
     if not (Path("/tmp") / fidelity.INCEPTION_FILE).exists():  # clean-fid's own download spot
         _fails_fast(lambda: fidelity.load_feature_space("inception"), fidelity.INCEPTION_URL)
+
+
+def test_open_clip_tag_offline_fails_fast_naming_the_file(offline: None) -> None:
+    """huggingface_hub alone would retry for ~55 s (measured) before giving up."""
+    pytest.importorskip("open_clip")
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    if any(isinstance(try_to_load_from_cache(repo, n), str)
+           for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+        pytest.skip("these weights are cached on this machine: the offline path would load them")
+    _fails_fast(lambda: features.load_encoder("open_clip:ViT-B-32", weights="laion2b_s34b_b79k"),
+                f"https://huggingface.co/{repo}/resolve/main/open_clip_pytorch_model.bin",
+                "features.weights=PATH")
