@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo-out
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv demo demo-privimage test clean-demo
 
 $(BIN)/privsynth: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,9 +18,14 @@ demo: venv
 	rm -rf $(DEMO_OUT)
 	PATH=$(abspath $(BIN)):$$PATH bash assets/demo.sh $(DEMO_OUT)
 
+## demo-privimage: the same with privimage (semantic query, diffusion UNet, DP-SGD), offline, CPU
+demo-privimage: venv
+	rm -rf $(DEMO_OUT)-privimage
+	PATH=$(abspath $(BIN)):$$PATH METHOD=privimage bash assets/demo.sh $(DEMO_OUT)-privimage
+
 ## test: the whole default test suite (CI runs exactly this)
 test: venv
 	$(BIN)/python -m pytest -q
 
 clean-demo:
-	rm -rf $(DEMO_OUT)
+	rm -rf $(DEMO_OUT) $(DEMO_OUT)-privimage

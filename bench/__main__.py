@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one dataset x method x epsilon row")
     run.add_argument("dataset", choices=["mnist"])
-    run.add_argument("--method", default="dp-mepf", choices=["dp-mepf"])
+    run.add_argument("--method", default="dp-mepf", choices=["dp-mepf", "privimage"])
     run.add_argument("--epsilon", type=float, required=True)
     run.add_argument("--recipe", default=None, help="recipe file [default: recipes/mnist-<method>.toml]")
     run.add_argument("--set", dest="overrides", action="append", default=[],

@@ -18,6 +18,7 @@ from privsynth.data import load, scan
 from privsynth.downstream import ClassifierConfig, accuracy, train_classifier
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.npz"
+TINY_IMAGENET = MNIST.parent / "tiny_imagenet_200_subset.zip"
 SPLITS = {"private": (0, 55000), "val": (55000, 60000)}
 
 
@@ -38,6 +39,18 @@ def prepare(work: Path) -> dict[str, Path]:
             Image.fromarray(img, "L").save(folder / str(label) / f"{i:05d}.png", compress_level=1)
         done.write_text("ok\n")
     return folders
+
+
+def prepare_public(work: Path) -> Path:
+    """Tiny-ImageNet's 200 x 100 training images as an ImageFolder (the public source), once."""
+    import zipfile
+
+    folder = work / "data" / "tiny-imagenet"
+    if not (folder / ".complete").exists():
+        with zipfile.ZipFile(TINY_IMAGENET) as zf:
+            zf.extractall(folder, [n for n in zf.namelist() if n.startswith("train/")])
+        (folder / ".complete").write_text("ok\n")
+    return folder / "train"
 
 
 def _tensors(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +82,8 @@ def run(args) -> dict:
             print(f"[{time.time() - t0:6.0f}s] {what} {done}/{total}", flush=True)
             last[0] = time.time()
 
-    result = runs.fit(folders["private"], None, recipe, work / "runs" / tag, progress=progress)
+    public = prepare_public(work) if args.method == "privimage" else None
+    result = runs.fit(folders["private"], public, recipe, work / "runs" / tag, progress=progress)
     times["fit_s"] = time.time() - t0
     t1 = time.time()
     synth = runs.sample(result.run, args.synthetic, work / "synth" / tag, seed=0)

@@ -190,3 +190,15 @@ def test_cli_fit_sample_verify(tmp_path: Path) -> None:
     res = runner.invoke(app, ["fit", str(private), "--method", "privimage", "--epsilon", "4",
                               "--out", str(tmp_path / "run2"), *TINY])
     assert res.exit_code == 2 and "--public" in res.output
+
+
+@pytest.mark.parametrize("name", ["demo-privimage", "mnist-privimage"])
+def test_recipes_resolve(name: str) -> None:
+    from privsynth import recipe as recipes
+
+    root = Path(__file__).resolve().parents[1]
+    resolved = recipes.resolve(recipes.read(root / "recipes" / f"{name}.toml"))
+    assert resolved.method == "privimage" and resolved.data.resolution % 4 == 0
+    if name.startswith("demo"):  # 10 private digits x select_per_class <= 10 public demo classes
+        public = [p for p in (root / "assets" / "demo" / "public").iterdir() if p.is_dir()]
+        assert 10 * resolved.generator.select_per_class <= len(public)
