@@ -253,3 +253,44 @@ def test_budget_command_shows_and_limits(private, book_dir, tmp_path):
     assert row["dataset"] in listing.stdout
     bad = runner.invoke(app, ["budget", "--limit", "3"], env=env)
     assert bad.exit_code == 2
+
+
+def test_kill_9_after_charging_leaves_the_spend_on_the_record(private, book_dir, tmp_path):
+    """A real SIGKILL while the generator trains (after the release): the ledger still holds the
+    fit's charges, counted once, and the run folder does not exist."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time, sys\n"
+        "from privsynth import run\n"
+        "from privsynth.generators import dpmepf\n"
+        "from privsynth.recipe import resolve\n"
+        "dpmepf.Generator.train = lambda *a, **k: time.sleep(600)\n"
+        f"recipe = resolve({dict(TINY, privacy={'epsilon': 2.0})!r})\n"
+        f"run.fit({str(private)!r}, None, recipe, {str(tmp_path / 'r')!r}, "
+        f"ledger_dir={str(book_dir)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            key_file = private / ledgers.ID_FILE
+            if key_file.exists() and ledgers.Ledger(book_dir, ledgers.dataset_key(private)).path.exists():
+                break
+            time.sleep(0.2)
+        time.sleep(2)  # well into release / training
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    book = ledgers.open_ledger(str(private), book_dir)
+    (entry,) = book.read()["entries"]
+    assert entry["status"] == "charged" and len(entry["charges"]) == 3
+    assert book.spent()[0] == pytest.approx(2.0, rel=2e-3)
+    assert not (tmp_path / "r").exists()
