@@ -154,6 +154,9 @@ def test_selection_is_disjoint_and_deterministic() -> None:
     assert sorted(j for js in chosen for j in js) == sorted(set(j for js in chosen for j in js))
     with pytest.raises(ValueError):
         semantic.select(hist, 3)
+    rand = semantic.random_selection(4, 12, 3, seed=1)
+    assert rand == semantic.random_selection(4, 12, 3, seed=1)
+    assert len({j for js in rand for j in js}) == 12
 
 
 # RDP keeps the calibration fast at these tiny sizes (PRV is the default and tested elsewhere).

@@ -40,6 +40,7 @@ class Config:
     query_sigma: float = 20.0  # noise multiplier of the histogram (std = sigma * sqrt(k))
     query_epochs: int = 5  # epochs of the public query classifier
     select_per_class: int = 2  # public classes chosen per private class (disjoint)
+    selection: str = "semantic"  # "semantic" (noisy histogram) or "random" (ablation baseline)
     width: int = 32  # UNet channels at full resolution (then 2x, 2x at the lower levels)
     attention: bool = True  # self-attention at the two lower levels
     label_dropout: float = 0.1  # share of labels replaced by "no label" (classifier-free guidance)
@@ -65,6 +66,9 @@ class Config:
             raise UsageError("privimage.query_topk, select_per_class and noise_draws must be >= 1")
         if not (self.query_sigma > 0 and self.clip > 0 and 0 <= self.ema < 1):
             raise UsageError("privimage: query_sigma and clip must be > 0, ema in [0, 1)")
+        if self.selection not in ("semantic", "random"):
+            raise UsageError(f"privimage.selection must be 'semantic' or 'random', "
+                             f"got {self.selection!r}")
         if not 0 <= self.label_dropout < 1:
             raise UsageError("privimage.label_dropout must be in [0, 1)")
 
@@ -122,7 +126,9 @@ class Generator:
         priv = load(private, resolution=self.resolution, channels=self.channels)
         self.rejects = list(priv.rejects)
         hist = self.release_histogram(query, priv, budget, charges[0], len(pub.classes))
-        chosen = semantic.select(hist, cfg.select_per_class)
+        chosen = (semantic.select(hist, cfg.select_per_class) if cfg.selection == "semantic" else
+                  semantic.random_selection(len(private.classes), len(pub.classes),
+                                            cfg.select_per_class, seed))
         model = self.pretrain(pub_set, chosen, len(private.classes), seed, progress)
         ema = self.finetune(model, priv, budget, charges[1], seed, progress)
         weights = (hist.sum(1) / cfg.query_topk).clamp(min=1.0)

@@ -69,3 +69,12 @@ def select(histogram: torch.Tensor, per_class: int) -> list[list[int]]:
             chosen[i].append(j)
             taken.add(j)
     return chosen
+
+
+def random_selection(n_private: int, n_public: int, per_class: int, seed: int) -> list[list[int]]:
+    """Disjoint public classes drawn at random (the ablation that ignores the histogram)."""
+    if n_private * per_class > n_public:
+        raise ValueError(f"{n_private} private classes x {per_class} cannot be disjoint among "
+                         f"{n_public} public classes")
+    order = torch.randperm(n_public, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [sorted(order[i * per_class:(i + 1) * per_class]) for i in range(n_private)]
