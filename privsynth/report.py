@@ -236,7 +236,9 @@ def render_html(report: dict, gallery: dict) -> str:
                 + "".join(f"<li><code>{_e(p)}</code></li>" for p in report["not_covered_by_dp"])
                 + "</ul><p class=muted>Versions: " + ", ".join(
                     f"{_e(k)} {_e(v)}" for k, v in report["versions"].items())
-                + f". Throughput {report['throughput_images_per_s']} images/s; "
-                  f"wall time {report['wall_time_s']} s.</p>")
+                + ". Feature throughput: " + (f"{report['throughput_images_per_s']} images/s"
+                                              if report["throughput_images_per_s"] else
+                                              "every set read from the cache")
+                + f"; wall time {report['wall_time_s']} s.</p>")
     return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>privsynth report'
             f'</title><style>{STYLE}</style></head><body>' + "\n".join(body) + "</body></html>\n")

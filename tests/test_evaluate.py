@@ -210,6 +210,7 @@ def test_cache_reuses_features_keyed_by_content(sets: tuple[Path, Path], tmp_pat
     again = ev.evaluate(*sets, tmp_path / "b", cache_dir=cache)
     assert again["runs"][0]["fid"] == first["runs"][0]["fid"]
     assert again["throughput_images_per_s"] is None
+    assert "every set read from the cache" in (tmp_path / "b" / "report.html").read_text()
     synthetic = sets[0]
     png = sorted(synthetic.rglob("*.png"))[0]
     make_folder(tmp_path / "other", per_class=1, seed=9)  # a different image, same file name
