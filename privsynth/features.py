@@ -67,7 +67,7 @@ class EfficientNetLite0(Encoder):
     sqrt(#stages), so every stage weighs the same and the whole row has norm <= 1.
     """
 
-    def __init__(self, input_size: int = 64, weights: str | None = None) -> None:
+    def __init__(self, input_size: int = 64, weights: str | None = None, grid: int = 1) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -83,9 +83,13 @@ class EfficientNetLite0(Encoder):
         net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.net = net
-        self.name = "efficientnet-lite0"
-        self.input_size = int(input_size)
-        self.dim = sum(net._blocks[i]._project_conv.out_channels for i in _LITE0_STAGE_ENDS) + 1280
+        self.input_size, self.grid = int(input_size), int(grid)
+        if self.grid < 1:
+            raise UsageError(f"features.grid must be >= 1, got {grid}")
+        self.name = "efficientnet-lite0" + (f"-grid{self.grid}" if self.grid > 1 else "")
+        self.eval()
+        with torch.no_grad():
+            self.dim = int(self.forward(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
         self.freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -96,10 +100,16 @@ class EfficientNetLite0(Encoder):
         for i, block in enumerate(net._blocks):
             h = block(h)
             if i in _LITE0_STAGE_ENDS:
-                pooled.append(h.mean(dim=(2, 3)))
+                pooled.append(self._pool(h))
         h = net._swish(net._bn1(net._conv_head(h)))
-        pooled.append(h.mean(dim=(2, 3)))
+        pooled.append(self._pool(h))
         return _balanced_concat(pooled)
+
+    def _pool(self, h: torch.Tensor) -> torch.Tensor:
+        """Channel means over a grid x grid layout of cells (1: global means), flattened."""
+        if self.grid == 1:
+            return h.mean(dim=(2, 3))
+        return F.adaptive_avg_pool2d(h, min(self.grid, h.shape[-1])).flatten(1)
 
 
 def _balanced_concat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -199,13 +209,16 @@ class WithPixels(Encoder):
 
 
 def load_encoder(name: str, *, weights: str | None = None, input_size: int = 64,
-                 pixels: float = 0.0) -> Encoder:
+                 pixels: float = 0.0, pixel_size: int = 14, grid: int = 1) -> Encoder:
     """The encoder called `name` ('efficientnet-lite0' or 'open_clip:<model>'), with a pixel
-    block of weight `pixels` appended when it is > 0."""
+    block of weight `pixels` (pooled to pixel_size x pixel_size) appended when it is > 0.
+    `grid` > 1 keeps a grid x grid layout of each EfficientNet stage instead of global means."""
     if name == "efficientnet-lite0":
-        encoder: Encoder = EfficientNetLite0(input_size=input_size, weights=weights)
+        encoder: Encoder = EfficientNetLite0(input_size=input_size, weights=weights, grid=grid)
     elif name.startswith("open_clip:"):
+        if grid != 1:
+            raise UsageError("features.grid applies to efficientnet-lite0 only")
         encoder = OpenClipImageTower(name.split(":", 1)[1], weights, input_size)
     else:
         raise UsageError(f"unknown encoder {name!r}: use 'efficientnet-lite0' or 'open_clip:<model name>'")
-    return WithPixels(encoder, pixels) if pixels > 0 else encoder
+    return WithPixels(encoder, pixels, pixel_size) if pixels > 0 else encoder

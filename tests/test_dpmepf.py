@@ -114,3 +114,49 @@ def test_sampler_round_trip_and_class_quota(tmp_path, encoder) -> None:
     assert torch.bincount(y1, minlength=2).tolist() == [5, 5]
     assert not list((tmp_path / "model").glob("*.pt")) and not list((tmp_path / "model").glob("*.pkl"))
     assert math.isclose(sum(again.class_weights), 1.0, rel_tol=1e-6)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, encoder) -> None:
+    from privsynth.checkpoint import WorkState
+
+    cfg = dpmepf.Config(steps=12, batch_per_class=2, width=8, latent_dim=8)
+    gen = dpmepf.Generator(cfg, encoder, resolution=28, channels=1)
+    gen_rng = torch.Generator().manual_seed(0)
+    rel = dpmepf.Releases(torch.rand(2, encoder.dim, generator=gen_rng) * 0.05,
+                          torch.rand(2, encoder.dim, generator=gen_rng) * 0.01, torch.tensor([5., 7.]))
+    whole = gen.train(rel, ("a", "b"), seed=3)
+
+    state = WorkState(tmp_path, every=0.0)
+
+    def kill_at_11(what: str, done: int, total: int) -> None:  # progress runs at 1, 11, 12
+        if done == 11:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        gen.train(rel, ("a", "b"), seed=3, state=state, progress=kill_at_11)
+    saved = state.load("generator")
+    assert saved is not None and 0 < saved["step"] < 12
+    torch.manual_seed(12345)  # a resumed process starts from an unrelated random state
+    resumed = gen.train(rel, ("a", "b"), seed=3, state=state)
+    for key, value in whole.net.state_dict().items():
+        assert torch.equal(value, resumed.net.state_dict()[key]), key
+
+
+def test_a_resumed_fit_reuses_the_written_ahead_charges(tmp_path, encoder) -> None:
+    folder = make_folder(tmp_path / "d", per_class=3)
+    cfg = dpmepf.Config(steps=2, batch_per_class=1, width=8, latent_dim=8)
+    gen = dpmepf.Generator(cfg, encoder, resolution=28, channels=1)
+    first = Budget(epsilon=2.0, delta=1e-5)
+    charges = gen.plan(first)
+    # the process dies after the write-ahead record, before the releases were saved
+    again = Budget(epsilon=2.0, delta=1e-5, charges=charges)
+    assert gen.plan(again) == charges and len(again.charges) == len(charges)
+    gen.fit(scan(folder), again)
+    assert again.unclaimed() == [] and again.spent() == pytest.approx(first.spent())
+    mismatched = Budget(epsilon=2.0, delta=1e-5, charges=charges[:1])
+    with pytest.raises(Exception, match="do not match"):
+        gen.plan(mismatched)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from privsynth.checkpoint import WorkState
 from privsynth.data import Listing, load
 from privsynth.errors import UsageError
 from privsynth.features import Encoder
@@ -95,17 +96,37 @@ class Generator:
         self.rejects: list[tuple[str, str]] = []  # private files that could not be decoded
 
     def plan(self, budget: Budget) -> list[Charge]:
-        """Calibrate every release to the budget and charge it (before any pixel is read)."""
+        """Calibrate every release to the budget and charge it (before any pixel is read).
+
+        A resumed fit finds its charges already recorded (written ahead before the interrupted
+        attempt drew noise) and reuses them: that attempt's draws were never released.
+        """
+        pending = budget.unclaimed()
+        if pending:
+            names = sorted(c.name for c in pending)
+            if names != sorted(c.name for c in self.config.plan(1.0)):
+                raise UsageError(f"the recorded charges {names} do not match this recipe's releases")
+            return pending
         charges = budget.calibrate(self.config.plan)
         budget.charge(charges)
         return charges
 
     def fit(self, private: Listing, budget: Budget, *, seed: int = 0,
-            progress: Progress | None = None) -> "Sampler":
-        """Charge, release the noisy embeddings once, then train the generator on them."""
-        charges = self.plan(budget)
-        releases = self.release(private, budget, charges, progress)
-        return self.train(releases, private.classes, seed=seed, progress=progress)
+            progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
+        """Charge, release the noisy embeddings once, then train the generator on them.
+
+        With `state`, the releases are saved as soon as they exist and training is checkpointed;
+        a later call with the same state continues from there without touching private data.
+        """
+        saved = state.load("releases") if state else None
+        if saved is not None:
+            releases = Releases(**saved)
+        else:
+            charges = self.plan(budget)
+            releases = self.release(private, budget, charges, progress)
+            if state:
+                state.save("releases", dict(releases.__dict__))
+        return self.train(releases, private.classes, seed=seed, progress=progress, state=state)
 
     @torch.no_grad()
     def release(self, private: Listing, budget: Budget, charges: list[Charge],
@@ -139,8 +160,12 @@ class Generator:
         return Releases(phi1.float(), None if phi2 is None else phi2.float(), counts.float())
 
     def train(self, rel: Releases, classes: tuple[str, ...], *, seed: int = 0,
-              progress: Progress | None = None) -> "Sampler":
-        """Train the generator to match the released embeddings (post-processing only)."""
+              progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
+        """Train the generator to match the released embeddings (post-processing only).
+
+        With `state`, the whole training state (weights, optimiser, running means, random
+        generator) is saved every `state.every` seconds and restored first: a resumed training
+        ends with the same weights as an uninterrupted one."""
         cfg, k = self.config, len(classes)
         torch.manual_seed(seed)
         gcfg = ConvGenConfig(k, self.channels, self.resolution, cfg.latent_dim, cfg.width)
@@ -153,7 +178,24 @@ class Generator:
         w2 = 1.0
         if target2 is not None and cfg.balance_phi2:  # from the releases only: post-processing
             w2 = float(target1.pow(2).sum() / target2.pow(2).sum().clamp(min=1e-12))
-        for step in range(cfg.steps):
+        first = 0
+        saved = state.load("generator") if state else None
+        if saved is not None:
+            net.load_state_dict(saved["net"])
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            avg1, avg2, first = saved["avg1"], saved["avg2"], int(saved["step"])
+            torch.set_rng_state(saved["rng"])
+            if saved.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(saved["cuda_rng"], device=self.device)
+        for step in range(first, cfg.steps):
+            if state and step > first and state.due():
+                state.save("generator", {
+                    "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "avg1": avg1.detach(), "avg2": None if avg2 is None else avg2.detach(),
+                    "step": step, "rng": torch.get_rng_state(),
+                    "cuda_rng": (torch.cuda.get_rng_state(self.device)
+                                 if str(self.device).startswith("cuda") else None)})
             z = torch.randn(len(labels), cfg.latent_dim, device=self.device)
             feats = self.encoder(net(z, labels))
             m1 = _class_means(feats, labels, k)
