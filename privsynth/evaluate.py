@@ -178,6 +178,9 @@ class _Sets:
 
 def _fidelity(syn: _Encoded, rea: _Encoded, a: Listing, b: Listing, k: int) -> dict:
     """fid, kid, per_class_fid where it applies, precision/recall, notes."""
+    if k >= min(len(syn.features), len(rea.features)):
+        raise UsageError(f"--k {k} needs more than {k} readable images in each set (synthetic "
+                         f"{a.root}: {len(syn.features)}, real: {len(rea.features)})")
     out = {"fid": fid_from_features(syn.features, rea.features),
            "kid": kid_from_features(syn.features, rea.features),
            **manifold.precision_recall(rea.features, syn.features, k=k),
@@ -229,8 +232,9 @@ def _run(listing: Listing, sets: _Sets, real: tuple[Listing, _Encoded],
          test: tuple[Listing, _Encoded] | None, val: Listing | None, opts: dict) -> dict:
     """Every metric of one synthetic set."""
     syn = sets(listing, f"synthetic images {listing.root.name}")
-    run = {"name": listing.root.name, "privacy": _privacy_of(listing.root),
-           "synthetic": _set_entry(listing, syn), **_fidelity(syn, real[1], listing, real[0], opts["k"])}
+    run = {"name": opts["names"][listing.root], "privacy": _privacy_of(listing.root),
+           "synthetic": _set_entry(listing, syn),
+           **_fidelity(syn, real[1], listing, real[0], opts["k"])}
     if test is None:
         run["notes"].append("no memorisation or utility: they need --test (real images held out "
                             "from the private training images)")
@@ -291,7 +295,10 @@ def evaluate(synthetic: Path | Sequence[Path], real: Path, out: Path, *, test: P
                  {"batch_size": batch_size, "device": device, "progress": progress})
     real_found = sets(listings["real"], "real images")
     test_found = sets(listings["test"], "test images") if test else None
-    opts = {"k": k, "classifier": classifier, "progress": progress}
+    names = {s.root: s.root.name for s in runs}  # folder names, or paths where those repeat
+    if len(set(names.values())) < len(runs):
+        names = {s.root: str(s.root) for s in runs}
+    opts = {"k": k, "classifier": classifier, "progress": progress, "names": names}
     report = {"schema": SCHEMA, "feature_space": space.describe(), "resolution": resolution,
               "real": _set_entry(listings["real"], real_found)}
     if test:

@@ -422,3 +422,12 @@ def test_the_html_renders_in_headless_chromium(sets: tuple[Path, Path], tmp_path
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 20  # text, tables and sample grids, not a blank page
     assert (pixels < 60).mean() > 0.01  # the dark sample grids were drawn
+
+
+def test_k_too_large_and_repeated_folder_names(tmp_path: Path, tiny: None) -> None:
+    real = make_folder(tmp_path / "real", seed=1)
+    a, b = image_set(tmp_path / "a" / "synthetic", seed=2), image_set(tmp_path / "b" / "synthetic", seed=3)
+    with pytest.raises(UsageError, match="--k 24 needs more than 24"):
+        ev.evaluate(a, real, tmp_path / "out", k=24)
+    report = ev.evaluate([a, b], real, tmp_path / "out2", k=23)
+    assert [r["name"] for r in report["runs"]] == [str(a), str(b)]
