@@ -88,6 +88,18 @@ def test_clipping_bounds_every_example(reference) -> None:
         torch.testing.assert_close(got, g.sum(0))
 
 
+def test_no_noise_and_no_clipping_is_plain_training(reference) -> None:
+    """sigma=0, C=inf: the DP-SGD update equals the plain gradient of the summed loss / batch."""
+    charge = Charge("privimage.dpsgd", 0.0, 0.5, 1, 1e9, "test")
+    budget = Budget(epsilon=1.0, delta=1e-5, accountant="rdp", charges=[charge])
+    mech = DPSGD(budget, charge, expected_batch=3.0, noise=NoiseSource())
+    got = mech.noisy_gradient(clipped_sum(reference, 1e9))
+    model = _model()
+    _loss(unet.schedule())(model, *_batch()).sum().div(3.0).backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
 def _mech(sigma: float = 2.0, q: float = 0.25, steps: int = 3, clip: float = 1.0):
     charge = Charge("privimage.dpsgd", sigma, q, steps, clip, "test")
     budget = Budget(epsilon=1e6, delta=1e-5, accountant="rdp", charges=[charge])
