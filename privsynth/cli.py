@@ -9,6 +9,7 @@ No ANSI codes on stderr unless it is a terminal and NO_COLOR is unset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privsynth import __version__
-from privsynth.errors import PrivsynthError, VerificationError
+from privsynth.errors import PrivsynthError, UsageError, VerificationError
 
 class _Group(TyperGroup):
     """Maps library errors to exit codes: the only place that decides how privsynth exits."""
@@ -103,11 +104,30 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """privsynth: private images in, a shareable synthetic dataset with a DP certificate out."""
 
 
+@contextlib.contextmanager
+def _resume_hint(out: Path):
+    """After a failed or interrupted fit that spent budget, say how to finish it."""
+    try:
+        yield
+    except BaseException:
+        from privsynth import run
+
+        if (run.work_folder(out) / run.FIT_STATE).is_file():
+            err.print(escape(f"the spend is recorded and the fit's state kept in "
+                             f"{run.work_folder(out)}; finish it with: privsynth fit --resume {out}"))
+        raise
+
+
 @app.command(epilog=EXAMPLES_FIT)
 def fit(
-    private: Annotated[Path, typer.Argument(help="Private image folder: ImageFolder (one sub-folder "
-                                            "per class), flat (unlabelled) or with metadata.jsonl.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="New run folder to write (never overwritten).")],
+    private: Annotated[Optional[Path], typer.Argument(
+        help="Private image folder: ImageFolder (one sub-folder per class), flat (unlabelled) or "
+             "with metadata.jsonl.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="New run folder to write "
+                                                "(never overwritten).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Finish the interrupted fit of this run folder (its .RUN.work folder holds the "
+             "recorded spend and the last saved state); takes no other option.")] = None,
     public: Annotated[Optional[Path], typer.Option(help="Public labelled image folder: privimage's "
                                                    "query and pretraining data (dp-mepf only records "
                                                    "it; its public side is the encoder).")] = None,
@@ -135,14 +155,27 @@ def fit(
     from privsynth import recipe as recipes
     from privsynth import run
 
-    raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
-    if method is not None:
-        raw["method"] = method
-    resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta, unit=unit)
     bars = _Bars(sys.stderr.isatty() and not json_out)
-    with bars.progress:
-        result = run.fit(private, public, resolved, out, progress=bars, dataset=dataset,
-                         ledger_dir=ledger, strict=strict)
+    if resume is not None:
+        given = [name for name, value in (("PRIVATE", private), ("--out", out), ("--public", public),
+                                          ("--method", method), ("--epsilon", epsilon),
+                                          ("--delta", delta), ("--recipe", recipe), ("--set", set_),
+                                          ("--unit", unit), ("--dataset", dataset),
+                                          ("--ledger", ledger)) if value]
+        if given:
+            raise UsageError(f"--resume takes the recorded inputs; drop {', '.join(given)}")
+        with bars.progress, _resume_hint(resume):
+            result = run.resume(resume, progress=bars)
+    else:
+        if private is None or out is None:
+            raise UsageError("fit needs PRIVATE and --out (or --resume RUN)")
+        raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
+        if method is not None:
+            raw["method"] = method
+        resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta, unit=unit)
+        with bars.progress, _resume_hint(out):
+            result = run.fit(private, public, resolved, out, progress=bars, dataset=dataset,
+                             ledger_dir=ledger, strict=strict)
     cert = result.certificate
     for path, why in result.rejects[:10]:
         err.print(f"[yellow]skipped[/] {path}: {why}")

@@ -178,6 +178,17 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
     return tuple(classes)
 
 
+def check_new(out: Path) -> None:
+    """UsageError unless `out` is absent or an empty folder (outputs are never overwritten)."""
+    _check_target(Path(out))
+
+
+def move_into_place(folder: Path, out: Path) -> None:
+    """Rename a complete `folder` to `out` in one step (same file system)."""
+    _check_target(Path(out))
+    _publish(Path(folder), Path(out))
+
+
 def _check_target(out: Path) -> None:
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UsageError(f"{out} already exists and is not a folder; refusing to overwrite it")

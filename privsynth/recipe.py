@@ -60,10 +60,14 @@ class FeaturesConfig:
     weights: str = ""  # local weights file (or open_clip pretrained tag); "" = the default
     input_size: int = 32  # images are resized to this before the encoder
     pixels: float = 0.5  # weight of the pooled-pixel block in each feature row (0 = none)
+    pixel_size: int = 14  # the pixel block is the image average-pooled to this side
+    grid: int = 1  # efficientnet-lite0: keep a grid x grid layout of each stage (1 = global means)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pixels < 1.0:
             raise UsageError(f"features.pixels must be in [0, 1), got {self.pixels}")
+        if self.pixel_size < 1 or self.grid < 1:
+            raise UsageError("features.pixel_size and features.grid must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,11 @@ class RunConfig:
 
     seed: int = 0
     device: str = "cpu"
+    checkpoint_every: float = 60.0  # seconds between saved training states (for --resume)
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_every >= 0:
+            raise UsageError(f"run.checkpoint_every must be >= 0 seconds, got {self.checkpoint_every}")
 
 
 @dataclass(frozen=True)

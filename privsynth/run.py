@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -16,15 +17,18 @@ from typing import Callable
 import torch
 
 from privsynth import certificate, data, publish
+from privsynth.checkpoint import WorkState
 from privsynth.errors import DataError, UsageError
 from privsynth.features import load_encoder
 from privsynth.generators import method_module
-from privsynth.privacy import Budget, NoiseSource
+from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy import ledger as ledgers
 from privsynth.privacy import units as privacy_units
 from privsynth.recipe import Recipe, from_dict
 
 Progress = Callable[[str, int, int], None]
+FIT_STATE = "fit-state.json"  # in the work folder: resolved inputs and written-ahead charges
+FIT_STATE_SCHEMA = "privsynth.fit-state/1"
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,20 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
 
     The dataset's ledger (`dataset` name, else the id file in `private_dir`; kept under
     `ledger_dir`, see privacy.ledger) records the charges before any pixel is read, and refuses
-    a fit that would take the dataset past the owner's limit.
+    a fit that would take the dataset past the owner's limit. The fit works in `.OUT.work`; if it
+    is interrupted after charging, that folder stays so that `resume(out)` can finish the run.
     """
     if public is not None and not Path(public).exists():
         raise DataError(f"public source {public} does not exist")
+    publish.check_new(out)
+    work = work_folder(out)
+    if work.exists():
+        prior = WorkState(work).load_json(FIT_STATE) if work.is_dir() else None
+        if prior and prior.get("charges"):
+            raise UsageError(f"{work} holds an interrupted fit of {out}: continue it with "
+                             f"`privsynth fit --resume {out}`, or delete that folder to start over "
+                             "(its spend stays recorded in the ledger either way)")
+        shutil.rmtree(work)  # an attempt that stopped before spending anything
     listing = data.scan(private_dir)
     if strict:  # decodes every file once more, but before any budget is charged or recorded
         data.require_clean(listing)
@@ -80,33 +94,100 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
     ledger.check((), delta=None, unit=recipe.privacy.unit)  # nothing left: refuse before any file
     auto_channels = recipe.data.channels == "auto"
     recipe, delta_rule = resolve_for(recipe, listing)
+    doc = {"schema": FIT_STATE_SCHEMA, "private_dir": str(Path(private_dir).resolve()),
+           "public": None if public is None else str(Path(public).resolve()),
+           "ledger_dir": str(ledger.folder), "dataset_key": ledger.key, "classes": list(listing.classes),
+           "recipe": recipe.to_dict(), "delta_rule": delta_rule, "auto_channels": auto_channels,
+           "charges": [], "ledger_entries": []}
+    return _fit(listing, recipe, out, module, ledger, doc, progress)
+
+
+def resume(out: Path, *, progress: Progress | None = None) -> FitResult:
+    """Finish the fit that was interrupted while writing `out`, from its `.OUT.work` folder.
+
+    The charges it recorded before drawing noise are reused, not charged again: whatever the
+    interrupted attempt computed after its last saved state was never released. The resumed
+    run's certificate therefore equals the one an uninterrupted fit would have written.
+    """
+    out = Path(out)
+    work = work_folder(out)
+    doc = WorkState(work).load_json(FIT_STATE) if work.is_dir() else None
+    if doc is None:
+        raise UsageError(f"nothing to resume for {out}: no interrupted fit in {work}")
+    if doc.get("schema") != FIT_STATE_SCHEMA:
+        raise UsageError(f"{work / FIT_STATE} was written by another privsynth version")
+    publish.check_new(out)
+    recipe = from_dict(doc["recipe"])
+    module = method_module(recipe.method)
+    if not getattr(module, "RESUMABLE", False):
+        raise UsageError(f"{recipe.method} fits cannot be resumed yet; delete {work} and fit again "
+                         "(the budget it recorded stays spent in the ledger)")
+    listing = _with_units(data.scan(doc["private_dir"]), recipe.privacy.unit, module)
+    if list(listing.classes) != doc["classes"]:
+        raise DataError(f"the classes of {doc['private_dir']} changed since the fit began "
+                        f"({doc['classes']} then, {list(listing.classes)} now)")
+    ledger = ledgers.Ledger(Path(doc["ledger_dir"]), doc["dataset_key"])
+    return _fit(listing, recipe, out, module, ledger, doc, progress)
+
+
+def work_folder(out: Path) -> Path:
+    """The folder a fit of `out` works in (kept after an interruption, for `resume`)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
+def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledgers.Ledger,
+         doc: dict, progress: Progress | None) -> FitResult:
+    """The fit proper, fresh (`doc` has no charges) or resumed (`doc` holds the recorded ones)."""
+    out, public = Path(out), (Path(doc["public"]) if doc["public"] else None)
+    work = work_folder(out)
+    work.mkdir(parents=True, exist_ok=bool(doc["charges"]))
+    state = WorkState(work, every=recipe.run.checkpoint_every)
+    if not doc["charges"]:
+        state.save_json(FIT_STATE, doc)
+    entries: list[str] = doc["ledger_entries"]
     encoder = None
     if getattr(module, "USES_ENCODER", True):
         encoder = load_encoder(recipe.features.encoder, weights=recipe.features.weights or None,
-                               input_size=recipe.features.input_size, pixels=recipe.features.pixels)
-    entries: list[str] = []
+                               input_size=recipe.features.input_size, pixels=recipe.features.pixels,
+                               pixel_size=recipe.features.pixel_size, grid=recipe.features.grid)
 
     def write_ahead(charges: list) -> None:  # runs inside Budget.charge: before any noise/pixel
         entries.append(ledger.record(charges, delta=recipe.privacy.delta, unit=recipe.privacy.unit,
-                                     run=str(Path(out).resolve()), method=recipe.method))
+                                     run=str(out.resolve()), method=recipe.method))
+        doc["charges"] += [c.to_dict() for c in charges]
+        state.save_json(FIT_STATE, doc)
 
     budget = Budget(epsilon=recipe.privacy.epsilon, delta=recipe.privacy.delta,
-                    accountant=recipe.privacy.accountant, on_charge=write_ahead)
+                    accountant=recipe.privacy.accountant, on_charge=write_ahead,
+                    charges=[Charge(**c) for c in doc["charges"]])
     gen = module.Generator(recipe.generator, encoder, resolution=recipe.data.resolution,
                            channels=int(recipe.data.channels), device=recipe.run.device)
-    with _settle(ledger, entries), publish.atomic_folder(out) as tmp:
-        extra = {"public": public} if getattr(module, "USES_PUBLIC", False) else {}
-        sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress, **extra)
-        sampler.save(tmp / "model")
-        cert = certificate.issue(budget, method=recipe.method, delta_rule=delta_rule,
-                                 noise_rng=NoiseSource.description,
-                                 **_statement(module.privacy_statement(recipe.generator), recipe,
-                                              delta_rule, auto_channels))
-        _write_json(tmp / "recipe.json", dict(recipe.to_dict(), public=_public_record(public, module)))
-        _write_json(tmp / "certificate.json", cert)
-        (tmp / "CERTIFICATE.md").write_text(certificate.render(cert), encoding="utf-8")
-        data.write_rejects(tmp / "rejects.jsonl", gen.rejects)  # owner-side; never published
-    return FitResult(Path(out), cert, recipe, list(gen.rejects))
+    try:
+        with _settle(ledger, entries):
+            extra = {"public": public} if getattr(module, "USES_PUBLIC", False) else {}
+            if getattr(module, "RESUMABLE", False):
+                extra["state"] = state
+            sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress, **extra)
+            statement = _statement(module.privacy_statement(recipe.generator), recipe,
+                                   doc["delta_rule"], doc["auto_channels"])
+            cert = certificate.issue(budget, method=recipe.method, delta_rule=doc["delta_rule"],
+                                     noise_rng=NoiseSource.description, **statement)
+            final = work / "run"
+            final.mkdir(exist_ok=True)
+            sampler.save(final / "model")
+            _write_json(final / "recipe.json",
+                        dict(recipe.to_dict(), public=_public_record(public, module)))
+            _write_json(final / "certificate.json", cert)
+            (final / "CERTIFICATE.md").write_text(certificate.render(cert), encoding="utf-8")
+            data.write_rejects(final / "rejects.jsonl", gen.rejects)  # owner-side; never published
+            publish.move_into_place(final, out)
+    except BaseException:
+        if not doc["charges"]:  # nothing spent: nothing worth resuming
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return FitResult(out, cert, recipe, list(gen.rejects))
 
 
 def _with_units(listing: data.Listing, spec: str, module: object) -> data.Listing:
