@@ -106,3 +106,65 @@ def test_kill_9_during_training_then_resume(tmp_path: Path) -> None:
     entries = _ledger(ledger)["entries"]
     assert len(entries) == 1 and entries[0]["status"] == "completed"
     assert [c["name"] for c in cert["mechanisms"]] == [c["name"] for c in entries[0]["charges"]]
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _charged(out: Path) -> bool:
+    try:
+        doc = json.loads((run.work_folder(out) / run.FIT_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(doc["charges"])
+
+
+@pytest.mark.parametrize("point", ["charged", "released", "training", "random"])
+def test_kill_9_at_any_point_never_under_counts(point: str, tmp_path: Path) -> None:
+    """Kill the fitting process at one of several points (or at a random moment); whatever stage
+    it reached, the ledger holds the spend at most once per fit and never less, and the resumed
+    (or, if nothing was charged, repeated) fit certifies exactly what an uninterrupted fit does."""
+    private = make_folder(tmp_path / "p", per_class=4)
+    reference = runner.invoke(app, _fit_args(private, tmp_path / "ref", tmp_path / "l0", 30, 0))
+    assert reference.exit_code == 0, reference.output
+    out, ledger = tmp_path / "run", tmp_path / "ledger"
+    work = run.work_folder(out)
+    triggers = {"charged": lambda: _charged(out),
+                "released": lambda: (work / "releases.state.pt").exists(),
+                "training": lambda: (work / "generator.state.pt").exists()}
+    delay = time.monotonic() + __import__("random").Random().uniform(0.0, 6.0)
+    ready = triggers.get(point, lambda: time.monotonic() >= delay)
+    env = dict(os.environ, NO_COLOR="1")
+    cmd = [sys.executable, "-m", "privsynth", *_fit_args(private, out, ledger, 30, 0)]
+    _kill_when(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL), ready)
+    entries = _ledger(ledger)["entries"] if any(ledger.glob("*.json")) else []
+    stage = ("complete" if out.exists() else "nothing charged" if not _charged(out) else
+             "training state saved" if (work / "generator.state.pt").exists() else
+             "releases saved" if (work / "releases.state.pt").exists() else "charged, no release saved")
+    print(f"kill at {point}: reached '{stage}', ledger entries {len(entries)}")
+    if out.exists():  # the kill came after the rename: the run is complete
+        assert len(entries) == 1
+        cert = json.loads((out / "certificate.json").read_text())
+    elif _charged(out):
+        assert len(entries) == 1 and entries[0]["status"] == "charged"
+        done = subprocess.run([sys.executable, "-m", "privsynth", "fit", "--resume", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        cert = json.loads((out / "certificate.json").read_text())
+    else:  # killed before anything was written ahead of the first charge
+        assert len(entries) <= 1  # a charge recorded in the ledger but not yet in the work folder
+        again = runner.invoke(app, _fit_args(private, out, ledger, 30, 0))
+        assert again.exit_code == 0, again.output
+        cert = json.loads((out / "certificate.json").read_text())
+    entries = _ledger(ledger)["entries"]
+    assert entries[-1]["status"] == "completed" and len(entries) in (1, 2)
+    expected = json.loads((tmp_path / "ref" / "certificate.json").read_text())
+    assert _comparable(cert) == _comparable(expected)
