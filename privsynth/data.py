@@ -34,7 +34,6 @@ Conversion rules:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -47,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from privsynth.errors import DataError
+from privsynth.files import sha256_of
 
 if TYPE_CHECKING:  # torch is imported by load() only: `privsynth inspect` starts in ~1 s, not ~5
     import torch
@@ -337,14 +337,6 @@ def grey_only(listing: Listing) -> bool:
     return True
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def survey(listing: Listing) -> dict:
     """Decode every listed file as `fit` would and describe the folder: per-class counts, formats,
     modes, sizes, exact duplicates (kept), notes and rejects. Writes nothing."""
@@ -368,7 +360,7 @@ def survey(listing: Listing) -> dict:
         formats[str(fmt)] += 1
         modes[mode] += 1
         sizes[f"{size[0]}x{size[1]}"] += 1
-        copies[_digest(path)] += 1
+        copies[sha256_of(path)] += 1
     groups = [n for n in copies.values() if n > 1]
     accepted = sum(counts.values())
     return {"root": display(listing.root), "layout": listing.layout, "seen": listing.seen,

@@ -39,7 +39,7 @@ from privsynth import __version__, downstream, manifold
 from privsynth.data import Listing, load, scan
 from privsynth.downstream import ClassifierConfig
 from privsynth.errors import DataError, UsageError
-from privsynth.features import sha256_of
+from privsynth.files import sha256_of
 from privsynth.fidelity import (FEATURE_SPACES, INCEPTION_FILE, INCEPTION_URL,  # noqa: F401
                                 FeatureSpace, Progress, encode, fid_from_features,
                                 kid_from_features, load_feature_space)

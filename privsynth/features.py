@@ -7,7 +7,6 @@ dp-mepf can train a generator through them.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import socket
@@ -18,19 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from privsynth.errors import MissingResourceError, UsageError
+from privsynth.files import sha256_of
 
 EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 # Last block of each EfficientNet-Lite0 stage (repeats 1,2,2,3,3,4,1): stage outputs are pooled.
 _LITE0_STAGE_ENDS = (0, 2, 4, 7, 10, 14, 15)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Encoder(nn.Module):

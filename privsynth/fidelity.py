@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from privsynth.errors import MissingResourceError, UsageError
-from privsynth.features import EFFICIENTNET_LITE0_SHA256, load_encoder, sha256_of
+from privsynth.features import EFFICIENTNET_LITE0_SHA256, load_encoder
+from privsynth.files import sha256_of
 
 Progress = Callable[[str, int, int], None]
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 from privsynth import __version__
 from privsynth.errors import UsageError
-from privsynth.features import sha256_of
+from privsynth.files import sha256_of
 
 MANIFEST = "MANIFEST.sha256"
 METADATA = "metadata.jsonl"

@@ -16,7 +16,7 @@ from torchvision.datasets import ImageFolder
 
 from privsynth import data, publish
 from privsynth.errors import UsageError
-from privsynth.features import sha256_of
+from privsynth.files import sha256_of
 
 CARD = {"method": "dp-mepf", "epsilon": 1.0, "delta": 1e-5, "seed": 3}
 CERT = {"epsilon": {"spent": 1.0}, "delta": 1e-5}

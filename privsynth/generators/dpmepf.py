@@ -21,6 +21,7 @@ from privsynth.checkpoint import WorkState
 from privsynth.data import Listing, load
 from privsynth.errors import UsageError
 from privsynth.features import Encoder
+from privsynth.generators import draw_labels
 from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
 
@@ -242,10 +243,7 @@ class Sampler:
                batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
         """n images (uint8, N x C x H x W) and labels; classes drawn from the noisy counts."""
         gen = torch.Generator().manual_seed(seed)
-        k = len(self.classes)
-        probs = torch.full((k,), 1.0 / k) if balanced else torch.tensor(self.class_weights)
-        labels = _quota_labels(n, probs)
-        labels = labels[torch.randperm(n, generator=gen)]
+        labels = draw_labels(n, self.class_weights, balanced=balanced, generator=gen)
         out = []
         for start in range(0, n, batch):
             y = labels[start:start + batch]
@@ -268,13 +266,3 @@ class Sampler:
         net = ConvGenerator(ConvGenConfig(**meta["generator"]))
         net.load_state_dict(load_file(str(folder / "generator.safetensors")))
         return cls(net.eval(), tuple(meta["classes"]), meta["class_weights"])
-
-
-def _quota_labels(n: int, probs: torch.Tensor) -> torch.Tensor:
-    """Exactly round(n * p) labels per class (largest-remainder rounding), in class order."""
-    raw = probs / probs.sum() * n
-    counts = raw.floor().long()
-    for i in torch.argsort(raw - counts, descending=True)[: n - int(counts.sum())]:
-        counts[i] += 1
-    return torch.repeat_interleave(torch.arange(len(probs)), counts)
-

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from privsynth.data import Listing, load, scan
 from privsynth.errors import DataError, UsageError
-from privsynth.generators import semantic, unet
+from privsynth.generators import draw_labels, semantic, unet
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
 from privsynth.privacy.dpsgd import DPSGD, GRAD_SAMPLE_MODES, PerSampleGradients, clipped_sum
 
@@ -248,9 +248,7 @@ class Sampler:
                batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
         """n images (uint8, N x C x H x W) and labels; classes from the noisy histogram."""
         gen = torch.Generator().manual_seed(seed)
-        k = len(self.classes)
-        probs = torch.full((k,), 1.0 / k) if balanced else torch.tensor(self.class_weights)
-        labels = _quota_labels(n, probs)[torch.randperm(n, generator=gen)]
+        labels = draw_labels(n, self.class_weights, balanced=balanced, generator=gen)
         out = []
         for start in range(0, n, batch):
             x = unet.ddim_sample(self.model, labels[start:start + batch], self.cfg,
@@ -277,12 +275,3 @@ class Sampler:
         model.load_state_dict(load_file(str(folder / "unet.safetensors")))
         return cls(model.eval(), cfg, tuple(meta["classes"]), meta["class_weights"],
                    meta["sample_steps"], meta["guidance"], meta["selection"])
-
-
-def _quota_labels(n: int, probs: torch.Tensor) -> torch.Tensor:
-    """Exactly round(n * p) labels per class (largest-remainder rounding), in class order."""
-    raw = probs / probs.sum() * n
-    counts = raw.floor().long()
-    for i in torch.argsort(raw - counts, descending=True)[: n - int(counts.sum())]:
-        counts[i] += 1
-    return torch.repeat_interleave(torch.arange(len(probs)), counts)
