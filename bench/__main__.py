@@ -31,7 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--reps", type=int, default=3, help="timed steps per mode (median)")
     cost.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     cost.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    ceiling = sub.add_parser("ceiling", help="the classifier trained on the real private split")
+    ceiling.add_argument("dataset", choices=["mnist"])
+    scale = sub.add_parser("scale", help="fit time against private-set size (1k, 10k, 55k)")
+    scale.add_argument("dataset", choices=["mnist"])
+    scale.add_argument("--method", default="dp-mepf", choices=["dp-mepf", "privimage"])
+    scale.add_argument("--epsilon", type=float, default=10.0)
+    scale.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 55000])
+    scale.add_argument("--recipe", default=None, help="recipe file [default: recipes/mnist-<method>.toml]")
+    scale.add_argument("--set", dest="overrides", action="append", default=[],
+                       help="recipe override section.key=value (repeatable)")
+    chart = sub.add_parser("chart", help="PNG of accuracy against epsilon with the anchors")
+    chart.add_argument("dataset", nargs="?", default="mnist", choices=["mnist", "cifar10"])
+    for p in (ceiling, scale, chart):
+        p.add_argument("--work", default="bench-work", help="folder for data, runs and reports")
+        p.add_argument("--results", default="benchmarks", help="folder of the results files")
     args = parser.parse_args(argv)
+    if args.command in ("ceiling", "scale", "chart"):
+        import importlib
+
+        importlib.import_module(f"bench.{args.command}").run(args)
+        return 0
     if args.command == "cost":
         from bench import cost as costs
 

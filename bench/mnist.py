@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import subprocess
 import time
@@ -117,7 +118,8 @@ def _append(folder: Path, row: dict) -> None:
                          "fit s | sample s | peak RSS MB | commit | overrides |\n"
                          "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     with open(table, "a") as fh:
-        fh.write(f"| {row['dataset']} | {row['method']} | {row['epsilon']:.3g} | {row['delta']:.2e} | "
+        eps = "no privacy" if math.isinf(row["epsilon"]) else f"{row['epsilon']:.3g}"
+        fh.write(f"| {row['dataset']} | {row['method']} | {eps} | {row['delta']:.2e} | "
                  f"{row['accountant']} | {row['device']} | {100 * row['accuracy']:.2f} | "
                  f"{row['fit_s']:.0f} | {row['sample_s']:.0f} | {row['peak_rss_mb']:.0f} | "
                  f"{row['commit']} | {' '.join(row['overrides'])} |\n")

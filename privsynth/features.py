@@ -97,16 +97,102 @@ class EfficientNetLite0(Encoder):
         return _balanced_concat(pooled)
 
     def _pool(self, h: torch.Tensor) -> torch.Tensor:
-        """Channel means over a grid x grid layout of cells (1: global means), flattened."""
-        if self.grid == 1:
-            return h.mean(dim=(2, 3))
-        return F.adaptive_avg_pool2d(h, min(self.grid, h.shape[-1])).flatten(1)
+        return _pool(h, self.grid)
 
 
 def _balanced_concat(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate per-layer vectors, each scaled to unit norm, then divided by sqrt(#layers)."""
     scale = 1.0 / math.sqrt(len(parts))
     return torch.cat([F.normalize(p, dim=1, eps=1e-12) * scale for p in parts], dim=1)
+
+
+# CIFAR-10 ResNets of akamaster/pytorch_resnet_cifar10 (BSD-2): blocks per stage, file sha256.
+CIFAR_RESNETS = {"resnet20-cifar10": (3, "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+                                      "resnet20-12fca82f.th"),
+                 "resnet56-cifar10": (9, "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+                                      "resnet56-4bfd9763.th")}
+CIFAR_RESNET_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+
+
+class _Block(nn.Module):
+    """BasicBlock with the option-A shortcut (stride-2 subsampling, zero-padded channels)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = (cout - cin) // 2 if stride != 1 or cin != cout else -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        short = x if self.pad < 0 else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + short)
+
+
+class CifarResNet(Encoder):
+    """A CIFAR-10 ResNet-20/56 (32 px, 3 stages of 16/32/64 channels), channel means (or a grid)
+    of the stem and of every block's output, balanced as for EfficientNet-Lite0. Its weights
+    come from a local file only (sha256-checked); inputs use ImageNet mean/std, as it was trained."""
+
+    def __init__(self, name: str, weights: str | None, input_size: int = 32, grid: int = 1) -> None:
+        super().__init__()
+        blocks, digest, filename = CIFAR_RESNETS[name]
+        where = f"{CIFAR_RESNET_URL}{filename} (sha256 {digest})"
+        if not weights:
+            raise MissingResourceError(f"{name} needs features.weights=PATH to {filename}: "
+                                       f"download {where}")
+        path = Path(weights)
+        if not path.is_file():
+            raise MissingResourceError(f"{name} weights not found at {path}: download {where}")
+        if sha256_of(path) != digest:
+            raise MissingResourceError(f"{path} is not {filename} (expected sha256 {digest})")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for stage, cout in enumerate((16, 32, 64)):
+            for i in range(blocks):
+                layers.append(_Block(cin, cout, 2 if stage and not i else 1))
+                cin = cout
+        self.blocks = nn.ModuleList(layers)
+        own = {k: v for k, v in state.items() if not k.startswith("linear.")}
+        mapped = {}
+        for k, v in own.items():  # layerS.I.* -> blocks.(S-1)*blocks+I.*
+            if k.startswith("layer"):
+                stage, i, rest = k[5:].split(".", 2)
+                k = f"blocks.{(int(stage) - 1) * blocks + int(i)}.{rest}"
+            mapped[k] = v
+        self.load_state_dict(mapped)
+        self.input_size, self.grid = int(input_size), int(grid)
+        self.name = name + (f"-grid{self.grid}" if self.grid > 1 else "")
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.dim = 16 * 2 + 16 * (blocks - 1) + 32 * blocks + 64 * blocks
+        self.dim *= 1 if self.grid == 1 else 0
+        self.freeze()
+        if not self.dim:
+            with torch.no_grad():
+                self.dim = int(self.forward(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stem's and every block's feature maps, in order."""
+        h = F.relu(self.bn1(self.conv1((self._prepare(x) - self.mean) / self.std)))
+        maps = [h]
+        for block in self.blocks:
+            h = block(h)
+            maps.append(h)
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return _balanced_concat([_pool(h, self.grid) for h in self.stages(x)])
+
+
+def _pool(h: torch.Tensor, grid: int) -> torch.Tensor:
+    """Channel means over a grid x grid layout of cells (1: global means), flattened."""
+    return h.mean(dim=(2, 3)) if grid == 1 else F.adaptive_avg_pool2d(h, min(grid, h.shape[-1])).flatten(1)
 
 
 def _lite0_package_weights() -> Path:
@@ -206,10 +292,13 @@ def load_encoder(name: str, *, weights: str | None = None, input_size: int = 64,
     `grid` > 1 keeps a grid x grid layout of each EfficientNet stage instead of global means."""
     if name == "efficientnet-lite0":
         encoder: Encoder = EfficientNetLite0(input_size=input_size, weights=weights, grid=grid)
+    elif name in CIFAR_RESNETS:
+        encoder = CifarResNet(name, weights, input_size=input_size, grid=grid)
     elif name.startswith("open_clip:"):
         if grid != 1:
-            raise UsageError("features.grid applies to efficientnet-lite0 only")
+            raise UsageError("features.grid applies to efficientnet-lite0 and the CIFAR ResNets only")
         encoder = OpenClipImageTower(name.split(":", 1)[1], weights, input_size)
     else:
-        raise UsageError(f"unknown encoder {name!r}: use 'efficientnet-lite0' or 'open_clip:<model name>'")
+        raise UsageError(f"unknown encoder {name!r}: use 'efficientnet-lite0', "
+                         f"{', '.join(repr(n) for n in CIFAR_RESNETS)} or 'open_clip:<model name>'")
     return WithPixels(encoder, pixels, pixel_size) if pixels > 0 else encoder

@@ -160,3 +160,30 @@ def test_a_resumed_fit_reuses_the_written_ahead_charges(tmp_path, encoder) -> No
     mismatched = Budget(epsilon=2.0, delta=1e-5, charges=charges[:1])
     with pytest.raises(Exception, match="do not match"):
         gen.plan(mismatched)
+
+
+RESNET20 = Path(__file__).resolve().parents[2] / "shared" / "data" / "resnet_cifar10" / "resnet20-12fca82f.th"
+FOOLBOX = RESNET20.parents[1] / "foolbox_samples.zip"
+
+
+@pytest.mark.skipif(not RESNET20.is_file(), reason="needs ../shared/data/resnet_cifar10")
+def test_cifar_resnet_encoder_loads_the_real_network() -> None:
+    """Our ResNet-20 with the checkpoint's own linear head classifies CIFAR-10 test images as the
+    published network does (91.8% on clean CIFAR-10), so every weight landed in the right layer;
+    feature rows have norm <= 1."""
+    import io
+    import zipfile
+
+    enc = load_encoder("resnet20-cifar10", weights=str(RESNET20), input_size=32, grid=2)
+    state = torch.load(RESNET20, map_location="cpu", weights_only=True)["state_dict"]
+    with zipfile.ZipFile(FOOLBOX) as zf:
+        names = sorted(n for n in zf.namelist() if n.startswith("cifar10_"))
+        x = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(zf.read(n))).convert("RGB")))
+                         for n in names]).permute(0, 3, 1, 2).float() / 255
+    labels = torch.tensor([int(Path(n).stem.split("_")[-1]) for n in names])
+    with torch.no_grad():
+        pooled = enc.stages(x)[-1].mean(dim=(2, 3))
+        logits = pooled @ state["module.linear.weight"].T + state["module.linear.bias"]
+        rows = enc(torch.rand(4, 1, 28, 28))
+    assert len(names) == 20 and (logits.argmax(1) == labels).sum() >= 17
+    assert rows.shape[1] == enc.dim and bool((rows.norm(dim=1) <= 1 + 1e-5).all())

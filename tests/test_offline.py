@@ -81,3 +81,15 @@ def test_open_clip_tag_offline_fails_fast_naming_the_file(offline: None) -> None
     _fails_fast(lambda: features.load_encoder("open_clip:ViT-B-32", weights="laion2b_s34b_b79k"),
                 f"https://huggingface.co/{repo}/resolve/main/open_clip_pytorch_model.bin",
                 "features.weights=PATH")
+
+
+@pytest.mark.parametrize("name", sorted(features.CIFAR_RESNETS))
+def test_cifar_resnet_without_weights_names_file_sha256_and_url(offline: None, tmp_path: Path,
+                                                                name: str) -> None:
+    _, digest, filename = features.CIFAR_RESNETS[name]
+    _fails_fast(lambda: features.load_encoder(name), filename, digest, features.CIFAR_RESNET_URL)
+    missing = tmp_path / filename
+    _fails_fast(lambda: features.load_encoder(name, weights=str(missing)), str(missing), digest)
+    wrong = tmp_path / "wrong.th"
+    wrong.write_bytes(b"not the checkpoint")
+    _fails_fast(lambda: features.load_encoder(name, weights=str(wrong)), str(wrong), digest)
