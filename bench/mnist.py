@@ -1,5 +1,6 @@
-"""MNIST with the DPImageBench protocol: 55k private / 5k validation / 10k test, delta = 1/(N ln N),
-60k class-conditional synthetic images, classifier epoch chosen on the validation split only."""
+"""One benchmark row with the DPImageBench protocol: MNIST 55k private / 5k validation / 10k test,
+CIFAR-10 45k / 5k / 10k; delta = 1/(N ln N), 60k class-conditional synthetic images, classifier
+epoch chosen on the validation split only."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,8 @@ from privsynth.downstream import ClassifierConfig, accuracy, train_classifier
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.npz"
 TINY_IMAGENET = MNIST.parent / "tiny_imagenet_200_subset.zip"
+CIFAR10 = MNIST.parent / "cifar10_jpeg.zip"
+SHAPE = {"mnist": (28, 1), "cifar10": (32, 3)}  # resolution, channels
 SPLITS = {"private": (0, 55000), "val": (55000, 60000)}
 
 
@@ -42,6 +45,33 @@ def prepare(work: Path) -> dict[str, Path]:
     return folders
 
 
+def prepare_cifar10(work: Path) -> dict[str, Path]:
+    """CIFAR-10 (the lossy JPEG copy in ../shared/data) as ImageFolders, once: per class, training
+    images 0000-4499 are private (45k), 4500-4999 validation (5k); the 10k test images are the test."""
+    import zipfile
+
+    root = work / "data" / "cifar10"
+    folders = {name: root / name for name in ("private", "val", "test")}
+    if (root / ".complete").exists():
+        return folders
+    with zipfile.ZipFile(CIFAR10) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".jpg"):
+                continue
+            split, label, file = name.split("/")
+            role = "test" if split == "test" else ("private" if int(Path(file).stem) < 4500 else "val")
+            target = folders[role] / label / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(name))
+    (root / ".complete").write_text("ok\n")
+    return folders
+
+
+def prepare_dataset(dataset: str, work: Path) -> dict[str, Path]:
+    """The private / val / test ImageFolders of `dataset`."""
+    return prepare_cifar10(work) if dataset == "cifar10" else prepare(work)
+
+
 def prepare_public(work: Path) -> Path:
     """Tiny-ImageNet's 200 x 100 training images as an ImageFolder (the public source), once."""
     import zipfile
@@ -54,8 +84,9 @@ def prepare_public(work: Path) -> Path:
     return folder / "train"
 
 
-def _tensors(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    images = load(scan(folder), resolution=28, channels=1)
+def _tensors(folder: Path, dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
+    resolution, channels = SHAPE[dataset]
+    images = load(scan(folder), resolution=resolution, channels=channels)
     return images.images, images.labels
 
 
@@ -70,9 +101,10 @@ def _commit() -> str:
 def run(args) -> dict:
     """One benchmark row; appended to RESULTS.md and results.jsonl."""
     work = Path(args.work)
-    folders = prepare(work)
-    tag = f"mnist-{args.method}-eps{args.epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
-    recipe_file = Path(args.recipe or f"recipes/mnist-{args.method.replace('-', '')}.toml")
+    ds = args.dataset
+    folders = prepare_dataset(ds, work)
+    tag = f"{ds}-{args.method}-eps{args.epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    recipe_file = Path(args.recipe or f"recipes/{ds}-{args.method.replace('-', '')}.toml")
     raw = recipes.apply_overrides(recipes.read(recipe_file), args.overrides)
     recipe = recipes.with_privacy(recipes.resolve(raw), epsilon=args.epsilon)
     times, t0 = {}, time.time()
@@ -90,13 +122,13 @@ def run(args) -> dict:
     synth = runs.sample(result.run, args.synthetic, work / "synth" / tag, seed=0)
     times["sample_s"] = time.time() - t1
     t2 = time.time()
-    sx, sy = _tensors(synth)
-    vx, vy = _tensors(folders["val"])
-    tx, ty = _tensors(folders["test"])
+    sx, sy = _tensors(synth, ds)
+    vx, vy = _tensors(folders["val"], ds)
+    tx, ty = _tensors(folders["test"], ds)
     clf = ClassifierConfig()
     model, curve = train_classifier(sx, sy, vx, vy, classes=10, config=clf)
     times["classifier_s"] = time.time() - t2
-    row = {"dataset": "mnist", "method": args.method, "epsilon": result.certificate["epsilon"]["spent"],
+    row = {"dataset": ds, "method": args.method, "epsilon": result.certificate["epsilon"]["spent"],
            "epsilon_target": args.epsilon, "delta": result.certificate["delta"],
            "accountant": result.certificate["accountant"], "device": recipe.run.device,
            "accuracy": accuracy(model, tx, ty), "val_curve": curve, "classifier": clf.to_dict(),

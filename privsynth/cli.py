@@ -148,6 +148,8 @@ def fit(
     ledger: Annotated[Optional[Path], typer.Option(help="Budget ledger folder (default "
                                                    "$PRIVSYNTH_LEDGER or ~/.local/share/"
                                                    "privsynth/ledger).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device for training: cpu, cuda, "
+                                                  "cuda:1 (overrides run.device).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 3) if any entry of PRIVATE "
                                          "would be rejected; checked before any budget is spent.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
@@ -163,7 +165,7 @@ def fit(
                                           ("--method", method), ("--epsilon", epsilon),
                                           ("--delta", delta), ("--recipe", recipe), ("--set", set_),
                                           ("--unit", unit), ("--dataset", dataset),
-                                          ("--ledger", ledger)) if value]
+                                          ("--ledger", ledger), ("--device", device)) if value]
         if given:
             raise UsageError(f"--resume takes the recorded inputs; drop {', '.join(given)}")
         with bars.progress, _resume_hint(resume):
@@ -174,6 +176,8 @@ def fit(
         raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
         if method is not None:
             raw["method"] = method
+        if device is not None:
+            raw.setdefault("run", {})["device"] = device
         resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta, unit=unit)
         with bars.progress, _resume_hint(out):
             result = run.fit(private, public, resolved, out, progress=bars, dataset=dataset,
@@ -201,13 +205,15 @@ def sample(
     seed: Annotated[int, typer.Option(help="Seed for latents and labels (public randomness).")] = 0,
     balanced: Annotated[bool, typer.Option(help="Equal images per class instead of the noisy "
                                            "class proportions.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Torch device for sampling (default: the "
+                                                  "run's device if present, else cpu).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Write N synthetic images from a fitted run (no privacy cost): PNGs in class folders,
     metadata.jsonl, a sha256 manifest and a copy of the certificate."""
     from privsynth import run
 
-    path = run.sample(run_dir, n, out, seed=seed, balanced=balanced)
+    path = run.sample(run_dir, n, out, seed=seed, balanced=balanced, device=device)
     _emit({"dataset": str(path), "images": n, "manifest": str(path / "MANIFEST.sha256")},
           json_out, f"{n} synthetic images written to {path}")
 

@@ -76,6 +76,7 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
     """
     if public is not None and not Path(public).exists():
         raise DataError(f"public source {public} does not exist")
+    _device(recipe.run.device, explicit=True)  # no CUDA here: refuse before anything is spent
     publish.check_new(out)
     work = work_folder(out)
     if work.exists():
@@ -244,8 +245,10 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = False) -> Path:
-    """Write `n` synthetic images from a run as a dataset folder (no privacy cost)."""
+def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = False,
+           device: str | None = None) -> Path:
+    """Write `n` synthetic images from a run as a dataset folder (no privacy cost); the model runs
+    on `device` (default: the run's `run.device` when it is available, else the CPU)."""
     run = Path(run)
     if not (run / "model" / "config.json").is_file():
         raise UsageError(f"{run} is not a privsynth run folder (no model/config.json)")
@@ -254,10 +257,21 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     cert = certificate.load(run)
     recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
                         if k != "public"})
-    sampler = method_module(recipe.method).Sampler.load(run / "model")
+    sampler = method_module(recipe.method).Sampler.load(run / "model").to(
+        _device(device or recipe.run.device, explicit=device is not None))
     with torch.inference_mode():
         images, labels = sampler.sample(n, seed=seed, balanced=balanced)
     card = {"method": recipe.method, "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
             "run": run.name, "seed": seed, "images": n}
     return publish.write_dataset(Path(out), images, labels, sampler.classes,
                                  certificate=cert, card=card)
+
+
+def _device(name: str, *, explicit: bool) -> str:
+    """`name`, or "cpu" when a recorded (not user-given) CUDA device is absent on this machine."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        if explicit:
+            raise UsageError(f"device {name!r} (--device / run.device): CUDA is not available on "
+                             "this machine; use --device cpu")
+        return "cpu"
+    return name

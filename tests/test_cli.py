@@ -230,3 +230,16 @@ def test_help_documents_the_exit_codes() -> None:
     for code in ("0 ok", "1 internal error", "2 usage", "3 data", "4 budget", "5 missing resource",
                  "6 verification failed", "130 interrupted", "141 stdout closed"):
         assert code in out, code
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_fit_on_a_missing_cuda_device_is_a_usage_error_before_any_spend(tmp_path: Path) -> None:
+    from conftest import make_folder
+
+    private = make_folder(tmp_path / "private", per_class=4)
+    result = CliRunner().invoke(app, ["fit", str(private), "--method", "dp-mepf", "--epsilon", "1",
+                                      "--device", "cuda", "--out", str(tmp_path / "run"),
+                                      "--ledger", str(tmp_path / "ledger")])
+    assert result.exit_code == 2, result.output
+    assert "CUDA is not available" in result.output
+    assert not (tmp_path / "run").exists() and not any((tmp_path / "ledger").glob("**/*.json*"))

@@ -248,8 +248,20 @@ class Sampler:
         for start in range(0, n, batch):
             y = labels[start:start + batch]
             z = torch.randn(len(y), self.net.cfg.latent_dim, generator=gen)
-            out.append((self.net(z, y) * 255.0).round().clamp(0, 255).to(torch.uint8))
+            x = self.net(z.to(self.device), y.to(self.device)).cpu()
+            out.append((x * 255.0).round().clamp(0, 255).to(torch.uint8))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8), labels
+
+    @property
+    def device(self) -> torch.device:
+        """Where the generator runs (latents are drawn on the CPU, so samples do not depend on it
+        beyond floating-point rounding)."""
+        return next(self.net.parameters()).device
+
+    def to(self, device: str) -> "Sampler":
+        """Move the generator to `device` (e.g. 'cuda')."""
+        self.net.to(device)
+        return self
 
     def save(self, folder: Path) -> None:
         """Write `generator.safetensors` and `config.json` (no pickles)."""

@@ -256,6 +256,11 @@ class Sampler:
             out.append(((x.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         return torch.cat(out), labels
 
+    def to(self, device: str) -> "Sampler":
+        """Move the denoiser to `device` (e.g. 'cuda'); starting noise is still drawn on the CPU."""
+        self.model.to(device)
+        return self
+
     def save(self, folder: Path) -> None:
         """Write `unet.safetensors` and `config.json` (no pickles)."""
         folder.mkdir(parents=True, exist_ok=True)
