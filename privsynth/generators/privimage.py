@@ -39,6 +39,9 @@ class Config:
     query_topk: int = 1  # public labels per private image (histogram sensitivity sqrt(k))
     query_sigma: float = 20.0  # noise multiplier of the histogram (std = sigma * sqrt(k))
     query_epochs: int = 5  # epochs of the public query classifier
+    query: str = "train"  # "train": a small CNN trained on the public images; "imagenet": the
+    # pretrained EfficientNet-Lite0 ImageNet head restricted to the public classes (WordNet ids)
+    query_input: int = 96  # image side fed to the ImageNet query classifier
     select_per_class: int = 2  # public classes chosen per private class (disjoint)
     selection: str = "semantic"  # "semantic" (noisy histogram) or "random" (ablation baseline)
     width: int = 32  # UNet channels at full resolution (then 2x, 2x at the lower levels)
@@ -66,6 +69,8 @@ class Config:
             raise UsageError("privimage.query_topk, select_per_class and noise_draws must be >= 1")
         if not (self.query_sigma > 0 and self.clip > 0 and 0 <= self.ema < 1):
             raise UsageError("privimage: query_sigma and clip must be > 0, ema in [0, 1)")
+        if self.query not in ("train", "imagenet"):
+            raise UsageError(f"privimage.query must be 'train' or 'imagenet', got {self.query!r}")
         if self.selection not in ("semantic", "random"):
             raise UsageError(f"privimage.selection must be 'semantic' or 'random', "
                              f"got {self.selection!r}")
@@ -120,9 +125,12 @@ class Generator:
         budget.charge(charges)  # before any private pixel is read
         cfg = self.config
         pub_set = load(pub, resolution=self.resolution, channels=self.channels)
-        _report(progress, "training the public query classifier", 0, 1)
-        query = semantic.train_query(pub_set.images, pub_set.labels, len(pub.classes),
-                                     epochs=cfg.query_epochs, seed=seed, device=self.device)
+        if cfg.query == "imagenet":
+            query = semantic.ImageNetQuery(pub.classes, cfg.query_input).to(self.device)
+        else:
+            _report(progress, "training the public query classifier", 0, 1)
+            query = semantic.train_query(pub_set.images, pub_set.labels, len(pub.classes),
+                                         epochs=cfg.query_epochs, seed=seed, device=self.device)
         priv = load(private, resolution=self.resolution, channels=self.channels)
         self.rejects = list(priv.rejects)
         hist = self.release_histogram(query, priv, budget, charges[0], len(pub.classes))
