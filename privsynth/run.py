@@ -170,8 +170,9 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
             if getattr(module, "RESUMABLE", False):
                 extra["state"] = state
             sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress, **extra)
-            statement = _statement(module.privacy_statement(recipe.generator), recipe,
-                                   doc["delta_rule"], doc["auto_channels"])
+            statement = _statement(module.privacy_statement(recipe.generator,
+                                                            unit=recipe.privacy.unit),
+                                   recipe, doc["delta_rule"], doc["auto_channels"])
             cert = certificate.issue(budget, method=recipe.method, delta_rule=doc["delta_rule"],
                                      noise_rng=NoiseSource.description, **statement)
             final = work / "run"
@@ -198,7 +199,7 @@ def _with_units(listing: data.Listing, spec: str, module: object) -> data.Listin
         return listing
     if not getattr(module, "USER_LEVEL", False):
         raise UsageError(f"privacy.unit={spec}: this method bounds only one image per unit; "
-                         "use privacy.unit=image or a method with user-level privacy (dp-mepf)")
+                         "use privacy.unit=image or a method with user-level privacy")
     return replace(listing, units=units.index)
 
 
@@ -220,6 +221,9 @@ def _statement(stmt: dict, recipe: Recipe, delta_rule: str, auto_channels: bool)
     unprotected = ["the class names of the private folder (folder names or label values) and "
                    "how many classes there are"]
     words, unit = privacy_units.describe(recipe.privacy.unit)
+    if "unit_bound" in stmt:  # the method's own words for how it bounds a unit
+        stmt = dict(stmt)
+        unit = dict(unit, bound=stmt.pop("unit_bound"))
     stmt = dict(stmt, unit=unit)
     if unit["kind"] != "image":
         stmt["privacy_unit"] = words

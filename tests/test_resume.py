@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import make_folder
 from privsynth import run
+from privsynth.checkpoint import WorkState
 from privsynth.cli import app
 from privsynth.generators import convgen
 
@@ -168,3 +169,161 @@ def test_kill_9_at_any_point_never_under_counts(point: str, tmp_path: Path) -> N
     assert entries[-1]["status"] == "completed" and len(entries) in (1, 2)
     expected = json.loads((tmp_path / "ref" / "certificate.json").read_text())
     assert _comparable(cert) == _comparable(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# privimage: the histogram is released once, DP-SGD continues with the steps left (T in all)
+
+PRIVIMAGE_TINY = ["--set", "privacy.accountant=rdp", "--set", "privimage.width=8",
+                  "--set", "data.resolution=8", "--set", "privimage.pretrain_steps=3",
+                  "--set", "privimage.pretrain_batch=8", "--set", "privimage.dp_batch=4",
+                  "--set", "privimage.physical_batch=4", "--set", "privimage.query_epochs=1",
+                  "--set", "privimage.sample_steps=2"]
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
+T = 12  # DP-SGD steps charged in these fits
+
+
+@pytest.fixture(scope="module")
+def demo_slice(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A few of the embedded demo images: 2 private digit classes, 4 public classes."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("demo")
+    for side, classes, n in (("private", ("0", "1"), 6), ("public", None, 5)):
+        folders = sorted(p for p in (DEMO / side).iterdir() if p.is_dir())
+        for folder in [f for f in folders if classes is None or f.name in classes][:4]:
+            (root / side / folder.name).mkdir(parents=True)
+            for f in sorted(p for p in folder.iterdir() if p.is_file())[:n]:
+                shutil.copy(f, root / side / folder.name / f.name)
+    return root / "private", root / "public"
+
+
+def _privimage_args(demo: tuple[Path, Path], out: Path, ledger: Path, steps: int,
+                    every: float) -> list[str]:
+    private, public = demo
+    return ["fit", str(private), "--public", str(public), "--method", "privimage", "--epsilon", "4",
+            "--delta", "1e-5", "--out", str(out), "--ledger", str(ledger), "--dataset", "toy",
+            *PRIVIMAGE_TINY, "--set", f"privimage.dp_steps={steps}",
+            "--set", f"run.checkpoint_every={every}"]
+
+
+@pytest.fixture(scope="module")
+def privimage_reference(demo_slice, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The certificate of an uninterrupted privimage fit (T DP-SGD steps)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    res = runner.invoke(app, _privimage_args(demo_slice, tmp / "run", tmp / "ledger", T, 0))
+    assert res.exit_code == 0, res.output
+    return json.loads((tmp / "run" / "certificate.json").read_text())
+
+
+def test_privimage_resumes_with_the_steps_left_and_never_releases_twice(
+        demo_slice, privimage_reference, tmp_path: Path, monkeypatch) -> None:
+    from privsynth.privacy import mechanisms
+    from privsynth.privacy.dpsgd import DPSGD
+
+    steps, released = [], []
+    noisy, release = DPSGD.noisy_gradient, mechanisms.GaussianSum.release
+
+    def dies_at_the_third_step(self, summed):
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        steps.append(self.charge.steps)
+        return noisy(self, summed)
+
+    def counted_release(self):
+        released.append(self.charge.name)
+        return release(self)
+
+    monkeypatch.setattr(DPSGD, "noisy_gradient", dies_at_the_third_step)
+    monkeypatch.setattr(mechanisms.GaussianSum, "release", counted_release)
+    out, ledger = tmp_path / "run", tmp_path / "ledger"
+    cut = runner.invoke(app, _privimage_args(demo_slice, out, ledger, T, 0))
+    assert cut.exit_code == 130 and "privsynth fit --resume" in cut.output
+    work = run.work_folder(out)
+    saved = WorkState(work)
+    assert released == ["privimage.query"] and saved.load("dpsgd")["steps_done"] == 2
+    assert saved.load("pretrain")["step"] == 3
+    query = saved.load("query")
+    assert [e["status"] for e in _ledger(ledger)["entries"]] == ["failed"]
+
+    extra = demo_slice[0] / "0" / "extra.png"  # the data changed: its charges no longer fit it
+    extra.write_bytes((next((demo_slice[0] / "0").glob("*.png"))).read_bytes())
+    changed = runner.invoke(app, ["fit", "--resume", str(out)])
+    extra.unlink()
+    assert changed.exit_code == 3 and "changed since the fit began" in changed.output
+
+    monkeypatch.setattr(DPSGD, "noisy_gradient", lambda self, summed: (
+        steps.append(self.charge.steps), noisy(self, summed))[1])
+    resumed = runner.invoke(app, ["fit", "--resume", str(out), "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(steps) == T == steps[0]  # 2 before the cut + the T - 2 left: exactly as charged
+    assert released == ["privimage.query"]  # the histogram was not released again
+    model = json.loads((out / "model" / "config.json").read_text())
+    hist = query["histogram"]
+    assert list(model["selection"].values()) == [
+        [sorted(p.name for p in demo_slice[1].iterdir())[j] for j in js] for js in query["selection"]]
+    weights = (hist.sum(1)).clamp(min=1.0)
+    assert model["class_weights"] == pytest.approx((weights / weights.sum()).tolist())
+    assert _comparable(json.loads((out / "certificate.json").read_text())) == \
+        _comparable(privimage_reference)
+    entries = _ledger(ledger)["entries"]
+    assert len(entries) == 1 and entries[0]["status"] == "completed"  # charged once
+    assert not work.exists()
+
+
+def test_privimage_kill_9_during_dpsgd_then_resume(demo_slice, privimage_reference,
+                                                    tmp_path: Path) -> None:
+    out, ledger = tmp_path / "run", tmp_path / "ledger"
+    env = dict(os.environ, NO_COLOR="1")
+    cmd = [sys.executable, "-m", "privsynth", *_privimage_args(demo_slice, out, ledger, T, 0)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(proc, lambda: (run.work_folder(out) / "dpsgd.state.pt").exists())
+    assert not out.exists(), "the fit finished before the kill"
+    assert 1 <= WorkState(run.work_folder(out)).load("dpsgd")["steps_done"] < T
+    entries = _ledger(ledger)["entries"]
+    assert len(entries) == 1 and entries[0]["status"] == "charged"
+    done = subprocess.run([sys.executable, "-m", "privsynth", "fit", "--resume", str(out), "--json"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    cert = json.loads((out / "certificate.json").read_text())
+    assert _comparable(cert) == _comparable(privimage_reference)
+    entries = _ledger(ledger)["entries"]
+    assert len(entries) == 1 and entries[0]["status"] == "completed"
+
+
+def test_a_resumed_dpsgd_draws_only_the_steps_left_and_never_more() -> None:
+    """T noisy steps in all, however the fit was cut: a resumed mechanism draws T - done batches
+    and refuses a step past T; a count of steps done outside 0..T is refused outright."""
+    import torch
+
+    from privsynth.errors import BudgetError
+    from privsynth.privacy import Budget, Charge, NoiseSource
+    from privsynth.privacy.dpsgd import DPSGD
+
+    charge = Charge("privimage.dpsgd", 1.0, 0.5, 5, 1.0, "test")
+    budget = Budget(epsilon=1e6, delta=1e-5, accountant="rdp", charges=[charge] * 4)
+    for done in (0, 2, 5):
+        mech = DPSGD(budget, charge, expected_batch=2.0, noise=NoiseSource(), steps_done=done)
+        for _ in mech.batches(10):
+            mech.noisy_gradient([torch.zeros(3)])
+        assert mech.steps_done == 5
+        with pytest.raises(BudgetError, match="spent"):
+            mech.noisy_gradient([torch.zeros(3)])
+    with pytest.raises(BudgetError, match="outside"):
+        DPSGD(budget, charge, expected_batch=2.0, noise=NoiseSource(), steps_done=6)
+
+
+def test_a_dpsgd_stopped_by_the_private_data_is_not_resumed(tmp_path: Path) -> None:
+    """A non-finite gradient depends on the private data: retrying would pick batches that avoid
+    it. The failing step marks the work folder, and a resumed fine-tuning refuses to start."""
+    import torch
+
+    from privsynth.errors import BudgetError
+    from privsynth.generators import finetune
+
+    state = WorkState(tmp_path)
+    with pytest.raises(BudgetError, match="non-finite"):
+        finetune._clipped([torch.tensor([[float("nan"), 1.0]])], 1.0, torch.tensor([0]), state)
+    assert "non-finite" in state.load_json(finetune.STOPPED)["reason"]
+    with pytest.raises(BudgetError, match="fit again"):
+        finetune.finetune(None, None, None, None, None, state=state)  # refused before any use

@@ -68,8 +68,9 @@ class Config:
                 for name, share, bound, what in specs if share > 0]
 
 
-def privacy_statement(config: Config) -> dict:
-    """What the certificate says about this method beyond its charges."""
+def privacy_statement(config: Config, unit: str = "image") -> dict:
+    """What the certificate says about this method beyond its charges (any `unit`: the bound
+    of privacy.units applies to every release as it is)."""
     notes = ["Per-class counts are released with Gaussian noise (dpmepf.counts), not treated as "
              "public; means are noisy sums divided by noisy counts clamped at 1.",
              "Each private image contributes one encoder feature row of L2 norm <= 1 to phi1 and "

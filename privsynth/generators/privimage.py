@@ -2,16 +2,20 @@
 
 1. A classifier over the public classes (trained on public images only) gives each private image
    its top-k public labels; the per-private-class histogram of those labels is released once with
-   Gaussian noise (L2 sensitivity sqrt(k)).
+   Gaussian noise (L2 sensitivity sqrt(k) per privacy unit: a unit's rows are weighted 1/m).
 2. From the noisy histogram alone, each private class picks its own disjoint public classes; their
    images, relabelled with that private class, pretrain a class-conditional diffusion UNet.
-3. The UNet is fine-tuned on the private images with DP-SGD (privsynth.privacy.dpsgd).
+3. The UNet is fine-tuned on the private images with DP-SGD over privacy units (finetune.py).
 Both charges are calibrated together before any private pixel is read: the query's sigma is set in
 the recipe, and DP-SGD's sigma is the smallest that fits what is left of the budget.
+
+Resumable: with a `WorkState`, the noisy histogram and the selection are saved right after the
+release (a resumed fit never releases it again: that would be a second, uncharged release), the
+pretrained UNet after pretraining (periodically during it too), and DP-SGD is checkpointed.
 """
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -21,15 +25,18 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from privsynth.data import Listing, load, scan
+from privsynth.checkpoint import WorkState
+from privsynth.data import ImageSet, Listing, load, scan
 from privsynth.errors import DataError, UsageError
-from privsynth.generators import draw_labels, semantic, unet
+from privsynth.generators import draw_labels, finetune, semantic, unet
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
-from privsynth.privacy.dpsgd import DPSGD, GRAD_SAMPLE_MODES, PerSampleGradients, clipped_sum
+from privsynth.privacy.dpsgd import GRAD_SAMPLE_MODES
 
 Progress = Callable[[str, int, int], None]
 USES_PUBLIC = True  # run.fit passes the --public folder to Generator.fit
 USES_ENCODER = False  # no perceptual encoder: the [features] section is not used
+RESUMABLE = True  # fit() accepts a WorkState and continues from it
+USER_LEVEL = True  # both mechanisms bound a whole privacy unit (privacy.unit), not one image
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,12 @@ class Config:
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-3  # Adam
     dp_steps: int = 100  # DP-SGD steps T (each one Poisson batch)
-    dp_batch: int = 64  # expected Poisson batch size; sample rate q = dp_batch / N
+    dp_batch: int = 64  # expected Poisson batch size in privacy units; q = dp_batch / N units
     physical_batch: int = 32  # examples per per-sample-gradient pass (memory, not privacy)
-    clip: float = 1.0  # per-sample gradient L2 bound C
+    clip: float = 1.0  # per-unit gradient L2 bound C
     dp_lr: float = 5e-4  # Adam on the noisy gradient
     noise_draws: int = 1  # (timestep, noise) draws averaged per example before clipping
+    unit_images: int = 8  # user-level: images of one unit per DP-SGD step, at most (compute only)
     ema: float = 0.99  # EMA decay of the fine-tuned weights that are published
     grad_sample_mode: str = "vmap"  # torch.func vmap, or "functorch" (opacus; exact, slower)
     sample_steps: int = 25  # DDIM steps when sampling
@@ -65,8 +73,9 @@ class Config:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise UsageError(f"privimage.grad_sample_mode must be one of "
                              f"{', '.join(GRAD_SAMPLE_MODES)}, got {self.grad_sample_mode!r}")
-        if self.query_topk < 1 or self.select_per_class < 1 or self.noise_draws < 1:
-            raise UsageError("privimage.query_topk, select_per_class and noise_draws must be >= 1")
+        if min(self.query_topk, self.select_per_class, self.noise_draws, self.unit_images) < 1:
+            raise UsageError("privimage.query_topk, select_per_class, noise_draws and unit_images "
+                             "must be >= 1")
         if not (self.query_sigma > 0 and self.clip > 0 and 0 <= self.ema < 1):
             raise UsageError("privimage: query_sigma and clip must be > 0, ema in [0, 1)")
         if self.query not in ("train", "imagenet"):
@@ -78,7 +87,7 @@ class Config:
             raise UsageError("privimage.label_dropout must be in [0, 1)")
 
     def plan(self, scale: float, n: int) -> list[Charge]:
-        """The query (fixed sigma) and DP-SGD (sigma = scale) for N = `n` private files."""
+        """The query (fixed sigma) and DP-SGD (sigma = scale) for N = `n` privacy units."""
         k = self.query_topk
         return [Charge("privimage.query", self.query_sigma, 1.0, 1, math.sqrt(k),
                        f"per-private-class histogram of each image's top-{k} public labels"),
@@ -87,21 +96,40 @@ class Config:
                        "gradients + Gaussian noise, Poisson sampling)")]
 
 
-def privacy_statement(config: Config) -> dict:
-    """What the certificate says about this method beyond its charges."""
-    return {"privacy_unit": "one image file",
+def privacy_statement(config: Config, unit: str = "image") -> dict:
+    """What the certificate says about this method beyond its charges (`unit`: privacy.unit)."""
+    k, c = config.query_topk, config.clip
+    if unit == "image":
+        notes = [f"Each private image adds one row with exactly {k} ones to its class's histogram "
+                 "row (L2 sensitivity sqrt(k)).",
+                 "DP-SGD: each step keeps every private image with probability q (Poisson, from OS "
+                 "entropy), clips each image's gradient (averaged over its "
+                 f"{config.noise_draws} noise draws) to L2 norm {c:g}, and adds Gaussian noise "
+                 "once per step, empty batches included."]
+        unprotected, bound = ["the number of private image files N, which sets the DP-SGD "
+                              "sample rate q = dp_batch / N"], None
+    else:
+        notes = [f"Histogram: a unit with m listed images adds each image's row of {k} ones with "
+                 "weight 1/m, so the whole unit moves the histogram by at most sqrt(k).",
+                 "DP-SGD: each step keeps every privacy unit with probability q = dp_batch / N "
+                 f"units (Poisson, from OS entropy); a kept unit's gradient is the mean of the "
+                 f"per-image gradients of at most {config.unit_images} of its images (drawn at "
+                 f"random each step; each averaged over {config.noise_draws} noise draws), "
+                 f"clipped to L2 norm {c:g} as one row; Gaussian noise once per step, empty "
+                 "batches included."]
+        unprotected = ["the number of privacy units N, which sets the DP-SGD sample rate "
+                       "q = dp_batch / N"]
+        bound = (f"histogram: a unit's m image rows are weighted 1/m, so the unit adds at most "
+                 f"sqrt(k) = {math.sqrt(k):.4g}; DP-SGD: a unit's images' gradients are averaged "
+                 f"into one row clipped to C = {c:g}, and sampling is per unit")
+    stmt = {"privacy_unit": "one image file",
             "post_processing": "public-class selection from the noisy histogram, pretraining on "
                                "public images, sampling from the DP-SGD model; class proportions "
                                "from the noisy histogram",
-            "notes": [f"Each private image adds one row with exactly {config.query_topk} ones to "
-                      "its class's histogram row (L2 sensitivity sqrt(k)).",
-                      "DP-SGD: each step keeps every private image with probability q (Poisson, "
-                      "from OS entropy), clips each image's gradient (averaged over its "
-                      f"{config.noise_draws} noise draws) to L2 norm {config.clip:g}, and adds "
-                      "Gaussian noise once per step, empty batches included.",
-                      "Files that cannot be decoded are skipped independently of other files."],
-            "unprotected": ["the number of private image files N, which sets the DP-SGD sample "
-                            "rate q = dp_batch / N"]}
+            "notes": [*notes, "Files that cannot be decoded are skipped independently of other "
+                              "files (a unit's weight 1/m counts its listed files)."],
+            "unprotected": unprotected}
+    return stmt if bound is None else dict(stmt, unit_bound=bound)
 
 
 class Generator:
@@ -117,28 +145,68 @@ class Generator:
             raise UsageError(f"privimage needs data.resolution divisible by 4, got {resolution}")
         self.rejects: list[tuple[str, str]] = []
 
+    def plan(self, budget: Budget, n: int) -> list[Charge]:
+        """Calibrate both stages for `n` privacy units and charge them (before any pixel is read).
+
+        A resumed fit finds its charges already recorded (written ahead before the interrupted
+        attempt drew noise) and reuses them, after checking they are this recipe's for `n` units.
+        """
+        pending = budget.unclaimed()
+        if not pending:
+            charges = budget.calibrate(lambda s: self.config.plan(s, n))
+            budget.charge(charges)
+            return charges
+        if sorted(c.name for c in pending) != ["privimage.dpsgd", "privimage.query"]:
+            raise UsageError(f"the recorded charges {sorted(c.name for c in pending)} do not "
+                             "match this recipe's releases")
+        by_name = {c.name: c for c in pending}
+        sigma = by_name["privimage.dpsgd"].noise_multiplier
+        if self.config.plan(sigma, n) != [by_name["privimage.query"], by_name["privimage.dpsgd"]]:
+            raise DataError(f"the recorded charges were planned for another number of privacy "
+                            f"units than the {n} the private folder has now: it changed since the "
+                            "fit began")
+        return [by_name["privimage.query"], by_name["privimage.dpsgd"]]
+
     def fit(self, private: Listing, budget: Budget, *, public: Path | None = None, seed: int = 0,
-            progress: Progress | None = None) -> "Sampler":
-        """Charge both stages, query, select, pretrain on public images, fine-tune with DP-SGD."""
+            progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
+        """Charge both stages, query, select, pretrain on public images, fine-tune with DP-SGD.
+
+        With `state`, each stage's result is saved as soon as it exists; a later call with the
+        same state continues from there and never releases the histogram again.
+        """
         pub = self._public_listing(public, len(private.classes))
-        charges = budget.calibrate(lambda s: self.config.plan(s, len(private.files)))
-        budget.charge(charges)  # before any private pixel is read
+        units = len(set(private.units)) if private.units else None
+        query_charge, dpsgd_charge = self.plan(budget, units or len(private.files))
         cfg = self.config
-        pub_set = load(pub, resolution=self.resolution, channels=self.channels)
-        if cfg.query == "imagenet":
-            query = semantic.ImageNetQuery(pub.classes, cfg.query_input).to(self.device)
+        public_set = functools.cache(lambda: load(pub, resolution=self.resolution,
+                                                  channels=self.channels))
+        priv = None
+        saved = state.load("query") if state else None
+        if saved is None:
+            if cfg.query == "imagenet":
+                query = semantic.ImageNetQuery(pub.classes, cfg.query_input).to(self.device)
+            else:
+                _report(progress, "training the public query classifier", 0, 1)
+                query = semantic.train_query(public_set().images, public_set().labels,
+                                             len(pub.classes), epochs=cfg.query_epochs, seed=seed,
+                                             device=self.device)
+            priv = load(private, resolution=self.resolution, channels=self.channels)
+            self.rejects = list(priv.rejects)
+            hist = self.release_histogram(query, priv, budget, query_charge, len(pub.classes),
+                                          private.units)
+            chosen = (semantic.select(hist, cfg.select_per_class) if cfg.selection == "semantic"
+                      else semantic.random_selection(len(private.classes), len(pub.classes),
+                                                     cfg.select_per_class, seed))
+            if state:
+                state.save("query", {"histogram": hist, "selection": chosen,
+                                     "rejects": [list(r) for r in self.rejects]})
         else:
-            _report(progress, "training the public query classifier", 0, 1)
-            query = semantic.train_query(pub_set.images, pub_set.labels, len(pub.classes),
-                                         epochs=cfg.query_epochs, seed=seed, device=self.device)
-        priv = load(private, resolution=self.resolution, channels=self.channels)
-        self.rejects = list(priv.rejects)
-        hist = self.release_histogram(query, priv, budget, charges[0], len(pub.classes))
-        chosen = (semantic.select(hist, cfg.select_per_class) if cfg.selection == "semantic" else
-                  semantic.random_selection(len(private.classes), len(pub.classes),
-                                            cfg.select_per_class, seed))
-        model = self.pretrain(pub_set, chosen, len(private.classes), seed, progress)
-        ema = self.finetune(model, priv, budget, charges[1], seed, progress)
+            hist, chosen = saved["histogram"], saved["selection"]
+            self.rejects = [tuple(r) for r in saved["rejects"]]
+        model = self.pretrain(public_set, chosen, len(private.classes), seed, progress, state)
+        priv = priv or load(private, resolution=self.resolution, channels=self.channels)
+        ema = finetune.finetune(model, priv, budget, dpsgd_charge, cfg, units=units,
+                                device=self.device, seed=seed, progress=progress, state=state)
         weights = (hist.sum(1) / cfg.query_topk).clamp(min=1.0)
         selection = {private.classes[i]: [pub.classes[j] for j in js] for i, js in enumerate(chosen)}
         return Sampler(ema.cpu().eval(), self._unet(len(private.classes)), private.classes,
@@ -159,79 +227,66 @@ class Generator:
                              "public classes")
         return pub
 
-    def release_histogram(self, query: torch.nn.Module, priv, budget: Budget, charge: Charge,
-                          n_public: int) -> torch.Tensor:
-        """Noisy (private classes x public classes) histogram of top-k public labels."""
-        mech = GaussianSum(budget, charge, len(priv.classes), n_public, NoiseSource())
+    def release_histogram(self, query: torch.nn.Module, priv: ImageSet, budget: Budget,
+                          charge: Charge, n_public: int, units: tuple[int, ...] = ()) -> torch.Tensor:
+        """Noisy (private classes x public classes) histogram of top-k public labels.
+
+        With `units` (the listing's unit of each file), a unit's rows are weighted 1/m (m = its
+        listed files): the whole unit moves the histogram by at most sqrt(k).
+        """
+        sizes = torch.bincount(torch.tensor(units)).tolist() if units else None
+        mech = GaussianSum(budget, charge, len(priv.classes), n_public, NoiseSource(),
+                           unit_sizes=sizes)
         rows = semantic.topk_rows(query, priv.images, self.config.query_topk, device=self.device)
-        mech.add(rows, priv.labels)
+        mech.add(rows, priv.labels, priv.units if units else None)
         return mech.release()
 
-    def pretrain(self, pub_set, chosen: list[list[int]], classes: int, seed: int,
-                 progress: Progress | None) -> torch.nn.Module:
-        """Class-conditional denoiser on the selected public images, relabelled (no privacy cost)."""
+    def pretrain(self, public_set: Callable[[], ImageSet], chosen: list[list[int]], classes: int,
+                 seed: int, progress: Progress | None,
+                 state: WorkState | None = None) -> torch.nn.Module:
+        """Class-conditional denoiser on the selected public images, relabelled (no privacy cost).
+
+        With `state`, saved every `state.every` seconds and when done; continued from there.
+        """
         cfg = self.config
+        torch.manual_seed(seed)
+        model = unet.build(self._unet(classes)).to(self.device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
+        gen = torch.Generator().manual_seed(seed)
+        saved = state.load("pretrain") if state else None
+        first = 0 if saved is None else int(saved["step"])
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            if first < cfg.pretrain_steps:
+                opt.load_state_dict(saved["opt"])
+                gen.set_state(saved["generator"])
+        if first >= cfg.pretrain_steps:
+            return model
+        pub_set = public_set()
         relabel = torch.full((len(pub_set.classes),), -1, dtype=torch.long)
         for i, js in enumerate(chosen):
             relabel[js] = i
         y_all = relabel[pub_set.labels]
         keep = y_all >= 0
         x_all, y_all = semantic.scaled(pub_set.images[keep]), y_all[keep]
-        torch.manual_seed(seed)
-        model = unet.build(self._unet(classes)).to(self.device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
         alpha_bar = unet.schedule(self.device)
-        gen = torch.Generator().manual_seed(seed)
-        for step in range(cfg.pretrain_steps):
+        for step in range(first, cfg.pretrain_steps):
+            if state and step > first and state.due():
+                state.save("pretrain", {"model": model.state_dict(), "opt": opt.state_dict(),
+                                        "generator": gen.get_state(), "step": step})
             idx = torch.randint(len(x_all), (cfg.pretrain_batch,), generator=gen)
-            x, y = x_all[idx].to(self.device), self._drop(y_all[idx], classes, gen)
-            t, eps = self._noise_for(x, gen)
+            x = x_all[idx].to(self.device)
+            y = unet.drop_labels(y_all[idx], classes, cfg.label_dropout, gen)
+            t, eps = unet.loss_draws(x, gen)
             loss = unet.denoising_loss(model, x, t, y.to(self.device), eps, alpha_bar).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             _report(progress, f"pretraining on public images (loss {loss.item():.3f})", step + 1,
                     cfg.pretrain_steps)
+        if state:
+            state.save("pretrain", {"model": model.state_dict(), "step": cfg.pretrain_steps})
         return model
-
-    def finetune(self, model: torch.nn.Module, priv, budget: Budget, charge: Charge, seed: int,
-                 progress: Progress | None) -> torch.nn.Module:
-        """DP-SGD on the private images; returns the EMA of the fine-tuned weights."""
-        cfg, classes, m = self.config, len(priv.classes), self.config.noise_draws
-        ema = copy.deepcopy(model).requires_grad_(False)
-        grads = PerSampleGradients(model, cfg.grad_sample_mode)
-        mech = DPSGD(budget, charge, expected_batch=cfg.dp_batch, noise=NoiseSource())
-        opt = torch.optim.Adam(grads.params, lr=cfg.dp_lr)
-        alpha_bar = unet.schedule(self.device)
-        loss = lambda net, x, t, y, e: unet.denoising_loss(net, x, t, y, e, alpha_bar)  # noqa: E731
-        gen = torch.Generator().manual_seed(seed + 1)
-        for step, batch in enumerate(mech.batches(len(priv))):
-            sums = [torch.zeros_like(p) for p in grads.params]
-            for start in range(0, len(batch), cfg.physical_batch):
-                idx = torch.from_numpy(batch[start:start + cfg.physical_batch])
-                x = semantic.scaled(priv.images[idx]).repeat_interleave(m, 0).to(self.device)
-                y = self._drop(priv.labels[idx].repeat_interleave(m, 0), classes, gen)
-                t, eps = self._noise_for(x, gen)
-                rows = grads(loss, x, t, y.to(self.device), eps, group=m)
-                sums = [s + c for s, c in zip(sums, clipped_sum(rows, cfg.clip))]
-            for p, g in zip(grads.params, mech.noisy_gradient(sums)):
-                p.grad = g
-            opt.step()
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p, 1 - cfg.ema)
-            _report(progress, f"DP-SGD fine-tuning (batch {len(batch)})", step + 1, charge.steps)
-        grads.close()
-        return ema
-
-    def _drop(self, y: torch.Tensor, classes: int, gen: torch.Generator) -> torch.Tensor:
-        """Replace a `label_dropout` share of labels by the "no label" class."""
-        drop = torch.rand(len(y), generator=gen) < self.config.label_dropout
-        return torch.where(drop, torch.full_like(y, classes), y)
-
-    def _noise_for(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.randint(unet.TRAIN_TIMESTEPS, (len(x),), generator=gen).to(self.device)
-        return t, torch.randn(x.shape, generator=gen).to(self.device)
 
 
 def _report(progress: Progress | None, what: str, done: int, total: int) -> None:

@@ -65,6 +65,18 @@ def denoising_loss(net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
     return (pred - eps).pow(2).flatten(1).mean(1)
 
 
+def drop_labels(y: torch.Tensor, classes: int, share: float, gen: torch.Generator) -> torch.Tensor:
+    """Replace a `share` of labels by the "no label" class `classes` (classifier-free guidance)."""
+    drop = torch.rand(len(y), generator=gen) < share
+    return torch.where(drop, torch.full_like(y, classes), y)
+
+
+def loss_draws(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random timestep and noise image per row of `x`: the DDPM loss's inputs (on x's device)."""
+    t = torch.randint(TRAIN_TIMESTEPS, (len(x),), generator=gen).to(x.device)
+    return t, torch.randn(x.shape, generator=gen).to(x.device)
+
+
 @torch.no_grad()
 def ddim_sample(model: nn.Module, labels: torch.Tensor, cfg: UNetConfig, *, steps: int,
                 guidance: float, generator: torch.Generator) -> torch.Tensor:

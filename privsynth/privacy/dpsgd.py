@@ -10,6 +10,10 @@ are checked against a one-example-at-a-time loop on the real UNet (tests/test_pr
 opacus' "hooks" mode is refused: it returns wrong gradients for convolutions whose input is
 channels-last strided, which diffusers' attention blocks produce.
 
+Privacy units (user-level DP): Poisson sampling is over units; `unit_passes` lays out a sampled
+unit's images (at most `cap` of them) and `clipped_sum(..., owners=)` averages them into one row
+before clipping, so a unit adds at most C to a step whatever its number of images.
+
 Data-parallel use (torchrun) fits this split: each rank clips and sums its share of the batch
 (`clipped_sum`), the sums are all-reduced, and one rank draws the noise (`noisy_gradient`).
 """
@@ -91,10 +95,17 @@ class PerSampleGradients:
             self._gsm = None
 
 
-def clipped_sum(grads: Sequence[torch.Tensor], bound: float) -> list[torch.Tensor]:
-    """Sum over rows after scaling each row (across all tensors) to L2 norm <= `bound`."""
+def clipped_sum(grads: Sequence[torch.Tensor], bound: float, *,
+                owners: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Sum over rows after scaling each row (across all tensors) to L2 norm <= `bound`.
+
+    With `owners` (each row's unit, numbered 0..U-1 within this call), the rows of one unit are
+    first averaged into one row: each unit then adds at most `bound`, however many rows it has.
+    """
     if not grads or grads[0].shape[0] == 0:
         return [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in grads]
+    if owners is not None and int(owners.max()) + 1 < len(owners):  # some unit has several rows
+        grads = unit_means(grads, owners)
     norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
     if not torch.isfinite(norms).all():
         raise BudgetError("non-finite per-sample gradient; nothing was released")
@@ -102,24 +113,70 @@ def clipped_sum(grads: Sequence[torch.Tensor], bound: float) -> list[torch.Tenso
     return [torch.einsum("b,b...->...", scale.to(g.dtype), g) for g in grads]
 
 
+def unit_means(grads: Sequence[torch.Tensor], owners: torch.Tensor) -> list[torch.Tensor]:
+    """One row per unit: the mean of the rows that `owners` assigns to it (units 0..U-1)."""
+    owners = owners.to(torch.long)
+    units = int(owners.max()) + 1
+    counts = torch.bincount(owners, minlength=units).clamp(min=1)
+    out = []
+    for g in grads:
+        total = torch.zeros((units, *g.shape[1:]), dtype=g.dtype, device=g.device)
+        total.index_add_(0, owners.to(g.device), g)
+        out.append(total / counts.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1))))
+    return out
+
+
+def unit_passes(members: Sequence[np.ndarray], sampled: np.ndarray, *, cap: int, per_pass: int,
+                generator: torch.Generator) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The sampled units' images in passes of whole units: (image indices, owner of each image).
+
+    `members[u]` lists unit u's images. A unit with more than `cap` images gives `cap` of them,
+    drawn with `generator` (this bounds compute, not privacy: the unit's rows are averaged into
+    one clipped row either way). A pass holds at most max(per_pass, cap) images; owners number
+    the units of one pass 0, 1, ... for `clipped_sum(..., owners=)`.
+    """
+    index: list[int] = []
+    owner: list[int] = []
+    for u in sampled:
+        images = members[u]
+        if len(images) > cap:
+            images = images[torch.randperm(len(images), generator=generator)[:cap].numpy()]
+        if index and len(index) + len(images) > per_pass:
+            yield np.asarray(index), torch.tensor(owner)
+            index, owner = [], []
+        unit = owner[-1] + 1 if owner else 0
+        index += [int(i) for i in images]
+        owner += [unit] * len(images)
+    if index:
+        yield np.asarray(index), torch.tensor(owner)
+
+
 class DPSGD:
     """The DP-SGD mechanism of one charge: T Poisson batches, clipped sums, one noise draw each."""
 
     def __init__(self, budget: Budget, charge: Charge, *, expected_batch: float,
-                 noise: NoiseSource) -> None:
+                 noise: NoiseSource, steps_done: int = 0) -> None:
         if not 0 < charge.sample_rate <= 1 or charge.steps < 1:
             raise BudgetError(f"{charge.name}: DP-SGD needs 0 < sample_rate <= 1 and steps >= 1")
+        if not 0 <= steps_done <= charge.steps:
+            raise BudgetError(f"{charge.name}: {steps_done} steps done is outside the charged "
+                              f"0..{charge.steps}")
         budget.claim(charge)  # recorded before use, and used by this mechanism only
         self.charge, self.bound = charge, charge.sensitivity
         self.expected_batch = float(expected_batch)  # public constant: the update divides by it
         self._noise = noise
         entropy = int.from_bytes(os.urandom(32), "little")  # secret subsampling, never a user seed
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
-        self.steps_done = 0
+        # Steps an earlier, interrupted attempt already applied to the saved model (resume).
+        self.steps_done = int(steps_done)
 
     def batches(self, n: int) -> Iterator[np.ndarray]:
-        """Exactly `charge.steps` Poisson batches: each of `n` indices kept with prob. q."""
-        for _ in range(self.charge.steps):
+        """The charged steps not yet done, one Poisson batch each: every one of `n` indices (images,
+        or privacy units) kept with probability q. A fresh mechanism draws exactly `charge.steps`."""
+        return self._poisson(n, self.charge.steps - self.steps_done)
+
+    def _poisson(self, n: int, steps: int) -> Iterator[np.ndarray]:
+        for _ in range(steps):
             yield np.flatnonzero(self._rng.random(n) < self.charge.sample_rate)
 
     def noisy_gradient(self, summed: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,0 +1,119 @@
+"""PrivImage step 3: DP-SGD fine-tuning of the denoiser on the private images, resumable.
+
+Privacy units. Each step Poisson-samples units (q = dp_batch / U, from OS entropy); a sampled
+unit's gradient is the mean of the per-image gradients of at most `unit_images` of its images,
+clipped to C as one row (privsynth.privacy.dpsgd); noise is added once per step. With one image
+per unit (the default) this is ordinary per-example DP-SGD.
+
+Checkpoints and resume. With a `WorkState`, the model, its EMA, Adam's state, the state of the
+torch generator of the diffusion draws and `DPSGD.steps_done` are saved every `checkpoint_every`
+seconds and after the last step -- always after a step's update, so a checkpoint holding k is
+exactly the state after k noisy updates. A resumed fit restores it and runs only the T - k charged
+steps left (a fresh Poisson sampler and fresh noise, both from OS entropy), so the published model
+has taken exactly T noisy steps, as charged; `DPSGD` refuses a step past T. Steps that an
+interrupted attempt computed after its last checkpoint are dropped and redone. That is sound:
+their noisy gradients were never released (only the final model is published; the work folder
+stays with the owner), and redoing a step from the same state with fresh randomness draws it from
+the same distribution, so the output is distributed as an uninterrupted fit's and the certificate
+is the same. This assumes the interruption does not depend on what the dropped steps computed
+(Ctrl-C, kill -9, power loss; timing side channels aside). A step that fails *because of* the
+private data (a non-finite gradient) is the exception: retrying would redraw batches until one
+avoids the culprit, a selection on private data that the accounting does not cover, so the fit is
+marked and `resume` refuses it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from privsynth.checkpoint import WorkState
+from privsynth.data import ImageSet
+from privsynth.errors import BudgetError
+from privsynth.generators import semantic, unet
+from privsynth.privacy import Budget, Charge, NoiseSource
+from privsynth.privacy.dpsgd import DPSGD, PerSampleGradients, clipped_sum, unit_passes
+
+if TYPE_CHECKING:
+    from privsynth.generators.privimage import Config
+
+Progress = Callable[[str, int, int], None]
+STATE = "dpsgd"  # the training checkpoint's state name
+STOPPED = "dpsgd-stopped.json"  # written when a step failed because of the private data
+
+
+def members(priv: ImageSet, units: int | None) -> list[np.ndarray]:
+    """The images (indices into `priv`) of each unit: one each, or grouped by `priv.units`."""
+    if priv.units is None:
+        return [np.array([i]) for i in range(len(priv))]
+    owner = priv.units.numpy()
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=units)
+    return np.split(order, np.cumsum(counts)[:-1])
+
+
+def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Charge, cfg: Config,
+             *, units: int | None = None, device: str = "cpu", seed: int = 0,
+             progress: Progress | None = None, state: WorkState | None = None) -> torch.nn.Module:
+    """DP-SGD on the private images (over `units` privacy units, when `priv.units` names them);
+    returns the EMA of the fine-tuned weights. With `state`, continues from its checkpoint."""
+    stopped = state.load_json(STOPPED) if state else None
+    if stopped:
+        raise BudgetError(f"this fit's DP-SGD stopped because of the private data "
+                          f"({stopped['reason']}); resuming would select batches that avoid it. "
+                          f"Delete {state.folder} and fit again (the spend stays recorded)")
+    classes, m = len(priv.classes), cfg.noise_draws
+    ema = copy.deepcopy(model).requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    saved = state.load(STATE) if state else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        gen.set_state(saved["generator"])
+    grads = PerSampleGradients(model, cfg.grad_sample_mode)
+    opt = torch.optim.Adam(grads.params, lr=cfg.dp_lr)
+    if saved is not None:
+        opt.load_state_dict(saved["opt"])
+    mech = DPSGD(budget, charge, expected_batch=cfg.dp_batch, noise=NoiseSource(),
+                 steps_done=0 if saved is None else int(saved["steps_done"]))
+    alpha_bar = unet.schedule(device)
+    loss = lambda net, x, t, y, e: unet.denoising_loss(net, x, t, y, e, alpha_bar)  # noqa: E731
+    groups = members(priv, units)
+    for batch in mech.batches(len(groups)):
+        sums = [torch.zeros_like(p) for p in grads.params]
+        for idx, owners in unit_passes(groups, batch, cap=cfg.unit_images,
+                                       per_pass=cfg.physical_batch, generator=gen):
+            idx = torch.from_numpy(idx)
+            x = semantic.scaled(priv.images[idx]).repeat_interleave(m, 0).to(device)
+            y = unet.drop_labels(priv.labels[idx].repeat_interleave(m, 0), classes,
+                                 cfg.label_dropout, gen)
+            t, eps = unet.loss_draws(x, gen)
+            rows = grads(loss, x, t, y.to(device), eps, group=m)
+            sums = [s + c for s, c in zip(sums, _clipped(rows, cfg.clip, owners, state))]
+        for p, g in zip(grads.params, mech.noisy_gradient(sums)):
+            p.grad = g
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - cfg.ema)
+        if state and (state.due() or mech.steps_done == charge.steps):
+            state.save(STATE, {"model": model.state_dict(), "ema": ema.state_dict(),
+                               "opt": opt.state_dict(), "generator": gen.get_state(),
+                               "steps_done": mech.steps_done})
+        if progress and (mech.steps_done % 10 == 0 or mech.steps_done == charge.steps):
+            progress(f"DP-SGD fine-tuning (batch {len(batch)})", mech.steps_done, charge.steps)
+    grads.close()
+    return ema
+
+
+def _clipped(rows: list[torch.Tensor], bound: float, owners: torch.Tensor,
+             state: WorkState | None) -> list[torch.Tensor]:
+    """`clipped_sum`, marking the fit as not resumable if the private data made it fail."""
+    try:
+        return clipped_sum(rows, bound, owners=owners)
+    except BudgetError as exc:
+        if state:
+            state.save_json(STOPPED, {"reason": str(exc)})
+        raise
