@@ -16,6 +16,7 @@ from privsynth.data import scan
 from privsynth.errors import BudgetError, DataError, UsageError
 from privsynth.generators import dpmepf
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
+from privsynth.privacy.dpsgd import clipped_sum, unit_passes
 from privsynth.privacy.units import assign, describe, parse
 
 
@@ -209,3 +210,158 @@ def test_certificate_words_for_each_unit():
     words, unit = describe("column:patient_id")
     assert "patient_id" in words and unit["kind"] == "column" and "1/m" in unit["bound"]
     assert describe("image")[0] == "one image file"
+
+
+# ---------------------------------------------------------------------------------------------
+# privimage: the semantic histogram and DP-SGD bound a whole unit
+
+
+def _without_unit(listing, units, u):
+    """The listing with every file of unit `u` removed (units re-indexed)."""
+    keep = [i for i, k in enumerate(units.index) if k != u]
+    left = [units.index[i] for i in keep]
+    order = {k: j for j, k in enumerate(sorted(set(left)))}
+    return replace(listing, files=tuple(listing.files[i] for i in keep),
+                   labels=tuple(listing.labels[i] for i in keep),
+                   units=tuple(order[k] for k in left))
+
+
+def _histogram(monkeypatch, listing, k: int = 2) -> torch.Tensor:
+    """privimage's noise-free histogram of `listing` (through release_histogram)."""
+    from privsynth.data import load
+    from privsynth.generators import privimage
+
+    monkeypatch.setattr(privimage, "NoiseSource", ZeroNoise)
+    cfg = privimage.Config(query_topk=k)
+    budget = Budget(epsilon=1e3, delta=1e-5, accountant="rdp")
+    charge = cfg.plan(1.0, 10)[0]
+    budget.charge([charge])
+    torch.manual_seed(0)
+    query = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 7))
+    gen = privimage.Generator(cfg, resolution=12, channels=1)
+    priv = load(listing, resolution=12, channels=1)
+    return gen.release_histogram(query, priv, budget, charge, 7, listing.units)
+
+
+def test_privimage_histogram_bounds_each_whole_unit(monkeypatch, tmp_path):
+    listing = scan(_people(tmp_path / "f", PEOPLE))
+    units = assign(listing.root, listing.files, "folder:2")
+    full = _histogram(monkeypatch, replace(listing, units=units.index))
+    changes = [float((full - _histogram(monkeypatch, _without_unit(listing, units, u))).norm())
+               for u in range(units.count)]
+    assert max(changes) <= np.sqrt(2) * (1 + 1e-9)
+    assert float(full.sum()) == pytest.approx(2 * 4)  # k ones per unit, not per image
+    assert float(_histogram(monkeypatch, listing).sum()) == 2 * 12  # per image: k ones each
+
+
+C = 1.5
+
+
+def _step_sum(rows, members, sampled, cap=16, seed=0):
+    """What one DP-SGD step adds for the sampled units, through privimage's real layout."""
+    total = [torch.zeros(r.shape[1:], dtype=r.dtype) for r in rows]
+    for idx, owners in unit_passes(members, np.asarray(sampled, dtype=int), cap=cap, per_pass=5,
+                                   generator=torch.Generator().manual_seed(seed)):
+        part = clipped_sum([r[torch.from_numpy(idx)] for r in rows], C, owners=owners)
+        total = [a + b for a, b in zip(total, part)]
+    return torch.cat([t.flatten() for t in total])
+
+
+def test_dpsgd_step_bounds_each_whole_unit_however_many_images_it_has():
+    gen = torch.Generator().manual_seed(1)
+    violations, pairs, worst_many, worst_one = 0, 0, 0.0, 0.0
+    for _ in range(30):
+        sizes = torch.randint(1, 8, (int(torch.randint(2, 7, (1,), generator=gen)),),
+                              generator=gen).tolist() + [12, 1]  # plus: many images, and one
+        n = sum(sizes)
+        scale = 10.0 ** torch.randint(-2, 7, (n, 1), generator=gen).double()
+        rows = [torch.randn(n, 3, 4, generator=gen, dtype=torch.float64) * scale.view(n, 1, 1),
+                torch.randn(n, 5, generator=gen, dtype=torch.float64) * scale]
+        start = n - 13  # the 12-image unit: one max-norm gradient repeated (duplicates)
+        for r in rows:
+            r[start:start + 12] = r[start] / r[start].norm() * 1e9
+            r[n - 1] = r[n - 1] / r[n - 1].norm() * 1e9
+        bounds = np.cumsum([0] + sizes)
+        members = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        full = _step_sum(rows, members, range(len(members)))
+        for u in range(len(members)):
+            others = [m for i, m in enumerate(members) if i != u]
+            change = float((full - _step_sum(rows, others, range(len(others)))).norm())
+            violations += change > C * (1 + 1e-6)
+            pairs += 1
+            if u == len(members) - 2:
+                worst_many = max(worst_many, change)
+            if u == len(members) - 1:
+                worst_one = max(worst_one, change)
+    assert pairs > 100 and violations == 0
+    assert worst_many == pytest.approx(C, rel=1e-6) == worst_one  # 12 images bound like one
+    per_image = clipped_sum([r[start:start + 12] for r in rows], C)  # no owners: 12 rows
+    assert float(torch.cat([t.flatten() for t in per_image]).norm()) == pytest.approx(12 * C)
+
+
+def test_unit_passes_keep_units_whole_and_cap_their_images():
+    members = [np.arange(0, 1), np.arange(1, 6), np.arange(6, 18), np.arange(0), np.arange(18, 21)]
+    owner_of = {int(i): u for u, m in enumerate(members) for i in m}
+    picks = set()
+    for seed in range(20):
+        groups = []
+        for idx, owners in unit_passes(members, np.arange(5), cap=4, per_pass=6,
+                                       generator=torch.Generator().manual_seed(seed)):
+            assert len(idx) <= 6 and owners.tolist() == sorted(owners.tolist())
+            assert set(owners.tolist()) == set(range(int(owners[-1]) + 1))  # 0, 1, ... per pass
+            groups += [idx[owners.numpy() == o].tolist() for o in range(int(owners[-1]) + 1)]
+        assert all(len({owner_of[i] for i in g}) == 1 for g in groups)  # one unit per group
+        assert [owner_of[g[0]] for g in groups] == [0, 1, 2, 4]  # each unit once, whole
+        assert [len(g) for g in groups] == [1, 4, 4, 3]  # at most cap=4 images of a unit
+        picks.add(tuple(groups[2]))
+    assert len(picks) > 1  # the capped unit's images vary from step to step
+
+
+def test_privimage_samples_units_at_q_over_units(tmp_path):
+    from privsynth.data import load
+    from privsynth.generators import finetune, privimage
+
+    listing = scan(_people(tmp_path / "f", PEOPLE))
+    units = assign(listing.root, listing.files, "folder:2")
+    priv = load(replace(listing, units=units.index), resolution=12, channels=1)
+    groups = finetune.members(priv, units.count)
+    assert [len(g) for g in groups] == list(units.sizes)
+    assert all((priv.units[torch.from_numpy(g)] == u).all() for u, g in enumerate(groups))
+    cfg = privimage.Config(dp_batch=2)
+    budget = Budget(epsilon=8.0, delta=1e-5, accountant="rdp")
+    query, dpsgd = privimage.Generator(cfg, resolution=12, channels=1).plan(budget, units.count)
+    assert dpsgd.sample_rate == 2 / 4 and budget.charges == [query, dpsgd]  # 4 units, 12 images
+
+
+def test_privimage_fit_per_person_states_the_unit_and_its_bound(tmp_path):
+    """End to end: a metadata column names the person; q is over the 4 persons, not 12 images."""
+    import jsonschema
+    from importlib import resources
+    from typer.testing import CliRunner
+
+    from conftest import make_folder
+    from privsynth import certificate
+    from privsynth.cli import app
+
+    private = _people(tmp_path / "m", PEOPLE, metadata=True)
+    public = make_folder(tmp_path / "public", per_class=4, classes=tuple("abcd"), size=12)
+    tiny = {"privacy.accountant": "rdp", "privimage.width": 8, "data.resolution": 8,
+            "privimage.pretrain_steps": 2, "privimage.pretrain_batch": 8, "privimage.dp_steps": 3,
+            "privimage.dp_batch": 2, "privimage.physical_batch": 4, "privimage.unit_images": 2,
+            "privimage.query_epochs": 1, "privimage.sample_steps": 2}
+    res = CliRunner().invoke(app, [
+        "fit", str(private), "--public", str(public), "--method", "privimage", "--epsilon", "4",
+        "--unit", "column:person", "--out", str(tmp_path / "run"), "--dataset", "people",
+        *[a for k, v in tiny.items() for a in ("--set", f"{k}={v}")]])
+    assert res.exit_code == 0, res.output
+    cert = json.loads((tmp_path / "run" / "certificate.json").read_text())
+    schema = json.loads(resources.files("privsynth").joinpath("certificate_schema.json").read_text())
+    jsonschema.validate(cert, schema, cls=jsonschema.Draft202012Validator)
+    assert certificate.check(cert) == []
+    assert "'person'" in cert["privacy_unit"] and cert["unit"]["kind"] == "column"
+    assert "clipped to C = 1" in cert["unit"]["bound"] and "sqrt(k)" in cert["unit"]["bound"]
+    dpsgd = {m["name"]: m for m in cert["mechanisms"]}["privimage.dpsgd"]
+    assert dpsgd["sample_rate"] == 2 / 4
+    assert "1 / (N ln N) with N = 4 privacy units" in cert["delta_rule"]
+    assert any("at most 2 of a kept unit's images" in n for n in cert["notes"])
+    assert "Per-unit bound:** histogram" in (tmp_path / "run" / "CERTIFICATE.md").read_text()

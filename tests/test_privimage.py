@@ -128,6 +128,18 @@ def test_poisson_batches_use_the_charged_rate_and_count() -> None:
     assert abs(np.mean(sizes) - 1.0) < 0.25 and min(sizes) == 0  # empty batches occur, are yielded
 
 
+def test_per_example_draws_inside_dpsgd_are_hidden_not_seeded(monkeypatch) -> None:
+    """Timesteps, noise images, label dropout and a unit's images inside a DP-SGD step come from OS
+    entropy (a known seed whose stream the secret batch shifts would not give the per-unit bound)."""
+    from privsynth.privacy import dpsgd
+
+    draws = [torch.rand(4, generator=dpsgd.hidden_generator()).tolist() for _ in range(2)]
+    assert draws[0] != draws[1]
+    monkeypatch.setattr(dpsgd.os, "urandom", lambda n: b"\x07" * n)  # the seed is OS entropy
+    assert torch.rand(4, generator=dpsgd.hidden_generator()).tolist() == \
+        torch.rand(4, generator=dpsgd.hidden_generator()).tolist()
+
+
 def test_dpsgd_needs_its_own_recorded_charge() -> None:
     charge = Charge("privimage.dpsgd", 1.0, 0.1, 10, 1.0, "test")
     with pytest.raises(BudgetError):

@@ -5,21 +5,25 @@ unit's gradient is the mean of the per-image gradients of at most `unit_images` 
 clipped to C as one row (privsynth.privacy.dpsgd); noise is added once per step. With one image
 per unit (the default) this is ordinary per-example DP-SGD.
 
-Checkpoints and resume. With a `WorkState`, the model, its EMA, Adam's state, the state of the
-torch generator of the diffusion draws and `DPSGD.steps_done` are saved every `checkpoint_every`
-seconds and after the last step -- always after a step's update, so a checkpoint holding k is
-exactly the state after k noisy updates. A resumed fit restores it and runs only the T - k charged
-steps left (a fresh Poisson sampler and fresh noise, both from OS entropy), so the published model
-has taken exactly T noisy steps, as charged; `DPSGD` refuses a step past T. Steps that an
-interrupted attempt computed after its last checkpoint are dropped and redone. That is sound:
-their noisy gradients were never released (only the final model is published; the work folder
-stays with the owner), and redoing a step from the same state with fresh randomness draws it from
-the same distribution, so the output is distributed as an uninterrupted fit's and the certificate
-is the same. This assumes the interruption does not depend on what the dropped steps computed
-(Ctrl-C, kill -9, power loss; timing side channels aside). A step that fails *because of* the
-private data (a non-finite gradient) is the exception: retrying would redraw batches until one
-avoids the culprit, a selection on private data that the accounting does not cover, so the fit is
-marked and `resume` refuses it.
+Every random draw inside a step comes from OS entropy: the Poisson sample and the noise (as in
+privsynth.privacy), and also the per-example draws (timesteps, noise images, label dropout, which
+images of a unit; see `dpsgd.hidden_generator` for why a `--seed` there would break the bound).
+
+Checkpoints and resume. With a `WorkState`, the model, its EMA, Adam's state and
+`DPSGD.steps_done` are saved every `checkpoint_every` seconds and after the last step -- always
+after a step's update, so a checkpoint holding k is exactly the state after k noisy updates. A
+resumed fit restores it and runs only the T - k charged steps left (with fresh OS entropy for
+every draw, as any step has), so the published model has taken exactly T noisy steps, as charged;
+`DPSGD` refuses a step past T. Steps that an interrupted attempt computed after its last
+checkpoint are dropped and redone. That is sound: their noisy gradients were never released (only
+the final model is published; the work folder stays with the owner), and redoing a step from the
+same state with fresh randomness draws it from the same distribution, so the output is
+distributed as an uninterrupted fit's and the certificate is the same. This assumes the
+interruption does not depend on what the dropped steps computed (Ctrl-C, kill -9, power loss;
+timing side channels aside). A step that fails *because of* the private data (a non-finite
+gradient) is the exception: retrying would redraw batches until one avoids the culprit, a
+selection on private data that the accounting does not cover, so the fit is marked and `resume`
+refuses it.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from privsynth.data import ImageSet
 from privsynth.errors import BudgetError
 from privsynth.generators import semantic, unet
 from privsynth.privacy import Budget, Charge, NoiseSource
-from privsynth.privacy.dpsgd import DPSGD, PerSampleGradients, clipped_sum, unit_passes
+from privsynth.privacy.dpsgd import (DPSGD, PerSampleGradients, clipped_sum, hidden_generator,
+                                    unit_passes)
 
 if TYPE_CHECKING:
     from privsynth.generators.privimage import Config
@@ -55,7 +60,7 @@ def members(priv: ImageSet, units: int | None) -> list[np.ndarray]:
 
 
 def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Charge, cfg: Config,
-             *, units: int | None = None, device: str = "cpu", seed: int = 0,
+             *, units: int | None = None, device: str = "cpu",
              progress: Progress | None = None, state: WorkState | None = None) -> torch.nn.Module:
     """DP-SGD on the private images (over `units` privacy units, when `priv.units` names them);
     returns the EMA of the fine-tuned weights. With `state`, continues from its checkpoint."""
@@ -66,12 +71,11 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
                           f"Delete {state.folder} and fit again (the spend stays recorded)")
     classes, m = len(priv.classes), cfg.noise_draws
     ema = copy.deepcopy(model).requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = hidden_generator()
     saved = state.load(STATE) if state else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
-        gen.set_state(saved["generator"])
     grads = PerSampleGradients(model, cfg.grad_sample_mode)
     opt = torch.optim.Adam(grads.params, lr=cfg.dp_lr)
     if saved is not None:
@@ -100,8 +104,7 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
                 pe.lerp_(p, 1 - cfg.ema)
         if state and (state.due() or mech.steps_done == charge.steps):
             state.save(STATE, {"model": model.state_dict(), "ema": ema.state_dict(),
-                               "opt": opt.state_dict(), "generator": gen.get_state(),
-                               "steps_done": mech.steps_done})
+                               "opt": opt.state_dict(), "steps_done": mech.steps_done})
         if progress and (mech.steps_done % 10 == 0 or mech.steps_done == charge.steps):
             progress(f"DP-SGD fine-tuning (batch {len(batch)})", mech.steps_done, charge.steps)
     grads.close()

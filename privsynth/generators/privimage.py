@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from privsynth.checkpoint import WorkState
 from privsynth.data import ImageSet, Listing, load, scan
 from privsynth.errors import DataError, UsageError
-from privsynth.generators import draw_labels, finetune, semantic, unet
+from privsynth.generators import draw_labels, finetune, pretrain, semantic, unet
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
 from privsynth.privacy.dpsgd import GRAD_SAMPLE_MODES
 
@@ -92,44 +92,40 @@ class Config:
         return [Charge("privimage.query", self.query_sigma, 1.0, 1, math.sqrt(k),
                        f"per-private-class histogram of each image's top-{k} public labels"),
                 Charge("privimage.dpsgd", scale, min(self.dp_batch / n, 1.0), self.dp_steps,
-                       self.clip, "UNet weights fine-tuned by DP-SGD (clipped per-sample "
-                       "gradients + Gaussian noise, Poisson sampling)")]
+                       self.clip, "UNet weights fine-tuned by DP-SGD (one clipped gradient per "
+                       "sampled privacy unit + Gaussian noise, Poisson sampling of units)")]
 
 
 def privacy_statement(config: Config, unit: str = "image") -> dict:
     """What the certificate says about this method beyond its charges (`unit`: privacy.unit)."""
-    k, c = config.query_topk, config.clip
-    if unit == "image":
-        notes = [f"Each private image adds one row with exactly {k} ones to its class's histogram "
-                 "row (L2 sensitivity sqrt(k)).",
-                 "DP-SGD: each step keeps every private image with probability q (Poisson, from OS "
-                 "entropy), clips each image's gradient (averaged over its "
-                 f"{config.noise_draws} noise draws) to L2 norm {c:g}, and adds Gaussian noise "
-                 "once per step, empty batches included."]
-        unprotected, bound = ["the number of private image files N, which sets the DP-SGD "
-                              "sample rate q = dp_batch / N"], None
-    else:
-        notes = [f"Histogram: a unit with m listed images adds each image's row of {k} ones with "
-                 "weight 1/m, so the whole unit moves the histogram by at most sqrt(k).",
-                 "DP-SGD: each step keeps every privacy unit with probability q = dp_batch / N "
-                 f"units (Poisson, from OS entropy); a kept unit's gradient is the mean of the "
-                 f"per-image gradients of at most {config.unit_images} of its images (drawn at "
-                 f"random each step; each averaged over {config.noise_draws} noise draws), "
-                 f"clipped to L2 norm {c:g} as one row; Gaussian noise once per step, empty "
-                 "batches included."]
-        unprotected = ["the number of privacy units N, which sets the DP-SGD sample rate "
-                       "q = dp_batch / N"]
-        bound = (f"histogram: a unit's m image rows are weighted 1/m, so the unit adds at most "
-                 f"sqrt(k) = {math.sqrt(k):.4g}; DP-SGD: a unit's images' gradients are averaged "
-                 f"into one row clipped to C = {c:g}, and sampling is per unit")
+    k, c, m, per_image = config.query_topk, config.clip, config.noise_draws, unit == "image"
+    who = "private image file" if per_image else "privacy unit"
+    hist = (f"Each private image adds one row with exactly {k} ones to its class's histogram row "
+            "(L2 sensitivity sqrt(k))." if per_image else
+            f"Histogram: a unit with m listed images adds each image's row (k = {k} ones) with "
+            "weight 1/m, so the whole unit moves the histogram by at most sqrt(k).")
+    grad = (f"clips each image's gradient (averaged over its {m} noise draws)" if per_image else
+            f"averages the per-image gradients of at most {config.unit_images} of a kept unit's "
+            f"images (drawn at random each step; each over its {m} noise draws) and clips that")
+    notes = [hist, f"DP-SGD: each step keeps every {who} with probability q (Poisson), {grad} to "
+                   f"L2 norm {c:g} as one row, and adds Gaussian noise once per step, empty "
+                   "batches included. The batch, the noise and the per-example draws (timesteps, "
+                   "noise images, label dropout) all come from OS entropy.",
+             "Files that cannot be decoded are skipped independently of other files"
+             + ("." if per_image else " (a unit's weight 1/m counts its listed files).")]
     stmt = {"privacy_unit": "one image file",
             "post_processing": "public-class selection from the noisy histogram, pretraining on "
                                "public images, sampling from the DP-SGD model; class proportions "
                                "from the noisy histogram",
-            "notes": [*notes, "Files that cannot be decoded are skipped independently of other "
-                              "files (a unit's weight 1/m counts its listed files)."],
-            "unprotected": unprotected}
-    return stmt if bound is None else dict(stmt, unit_bound=bound)
+            "notes": notes,
+            "unprotected": [f"the number of {who}s N, which sets the DP-SGD sample rate "
+                            "q = dp_batch / N"]}
+    if per_image:
+        return stmt
+    return dict(stmt, unit_bound=f"histogram: a unit's m image rows are weighted 1/m, so the unit "
+                                 f"adds at most sqrt(k) = {math.sqrt(k):.4g}; DP-SGD: a unit's "
+                                 f"images' gradients are averaged into one row clipped to "
+                                 f"C = {c:g}, and sampling is per unit")
 
 
 class Generator:
@@ -186,7 +182,8 @@ class Generator:
             if cfg.query == "imagenet":
                 query = semantic.ImageNetQuery(pub.classes, cfg.query_input).to(self.device)
             else:
-                _report(progress, "training the public query classifier", 0, 1)
+                if progress:
+                    progress("training the public query classifier", 0, 1)
                 query = semantic.train_query(public_set().images, public_set().labels,
                                              len(pub.classes), epochs=cfg.query_epochs, seed=seed,
                                              device=self.device)
@@ -197,16 +194,18 @@ class Generator:
             chosen = (semantic.select(hist, cfg.select_per_class) if cfg.selection == "semantic"
                       else semantic.random_selection(len(private.classes), len(pub.classes),
                                                      cfg.select_per_class, seed))
-            if state:
+            if state:  # before anything derived from it is kept: a kill before this line
+                # loses an in-memory release nobody saw, and the resumed fit draws it afresh
                 state.save("query", {"histogram": hist, "selection": chosen,
                                      "rejects": [list(r) for r in self.rejects]})
         else:
             hist, chosen = saved["histogram"], saved["selection"]
             self.rejects = [tuple(r) for r in saved["rejects"]]
-        model = self.pretrain(public_set, chosen, len(private.classes), seed, progress, state)
+        model = pretrain.pretrain(self._unet(len(private.classes)), public_set, chosen, cfg,
+                                  seed=seed, device=self.device, progress=progress, state=state)
         priv = priv or load(private, resolution=self.resolution, channels=self.channels)
         ema = finetune.finetune(model, priv, budget, dpsgd_charge, cfg, units=units,
-                                device=self.device, seed=seed, progress=progress, state=state)
+                                device=self.device, progress=progress, state=state)
         weights = (hist.sum(1) / cfg.query_topk).clamp(min=1.0)
         selection = {private.classes[i]: [pub.classes[j] for j in js] for i, js in enumerate(chosen)}
         return Sampler(ema.cpu().eval(), self._unet(len(private.classes)), private.classes,
@@ -240,58 +239,6 @@ class Generator:
         rows = semantic.topk_rows(query, priv.images, self.config.query_topk, device=self.device)
         mech.add(rows, priv.labels, priv.units if units else None)
         return mech.release()
-
-    def pretrain(self, public_set: Callable[[], ImageSet], chosen: list[list[int]], classes: int,
-                 seed: int, progress: Progress | None,
-                 state: WorkState | None = None) -> torch.nn.Module:
-        """Class-conditional denoiser on the selected public images, relabelled (no privacy cost).
-
-        With `state`, saved every `state.every` seconds and when done; continued from there.
-        """
-        cfg = self.config
-        torch.manual_seed(seed)
-        model = unet.build(self._unet(classes)).to(self.device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
-        gen = torch.Generator().manual_seed(seed)
-        saved = state.load("pretrain") if state else None
-        first = 0 if saved is None else int(saved["step"])
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            if first < cfg.pretrain_steps:
-                opt.load_state_dict(saved["opt"])
-                gen.set_state(saved["generator"])
-        if first >= cfg.pretrain_steps:
-            return model
-        pub_set = public_set()
-        relabel = torch.full((len(pub_set.classes),), -1, dtype=torch.long)
-        for i, js in enumerate(chosen):
-            relabel[js] = i
-        y_all = relabel[pub_set.labels]
-        keep = y_all >= 0
-        x_all, y_all = semantic.scaled(pub_set.images[keep]), y_all[keep]
-        alpha_bar = unet.schedule(self.device)
-        for step in range(first, cfg.pretrain_steps):
-            if state and step > first and state.due():
-                state.save("pretrain", {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "generator": gen.get_state(), "step": step})
-            idx = torch.randint(len(x_all), (cfg.pretrain_batch,), generator=gen)
-            x = x_all[idx].to(self.device)
-            y = unet.drop_labels(y_all[idx], classes, cfg.label_dropout, gen)
-            t, eps = unet.loss_draws(x, gen)
-            loss = unet.denoising_loss(model, x, t, y.to(self.device), eps, alpha_bar).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            _report(progress, f"pretraining on public images (loss {loss.item():.3f})", step + 1,
-                    cfg.pretrain_steps)
-        if state:
-            state.save("pretrain", {"model": model.state_dict(), "step": cfg.pretrain_steps})
-        return model
-
-
-def _report(progress: Progress | None, what: str, done: int, total: int) -> None:
-    if progress and (done % 10 == 0 or done == total):
-        progress(what, done, total)
 
 
 class Sampler:

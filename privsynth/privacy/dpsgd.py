@@ -151,6 +151,18 @@ def unit_passes(members: Sequence[np.ndarray], sampled: np.ndarray, *, cap: int,
         yield np.asarray(index), torch.tensor(owner)
 
 
+def hidden_generator() -> torch.Generator:
+    """A torch generator seeded from OS entropy, for the per-example draws inside a DP-SGD step
+    (diffusion timesteps and noise, label dropout, which images of a unit).
+
+    The accounting treats the per-unit term of a step as a function of that unit with its own
+    randomness. A generator seeded from `--seed` would be known, and its stream is consumed in an
+    order set by the secret Poisson batch: adding one unit would shift the draws of every later
+    unit, so a known seed would not give the per-unit bound. Hidden, independent draws do.
+    """
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
 class DPSGD:
     """The DP-SGD mechanism of one charge: T Poisson batches, clipped sums, one noise draw each."""
 
