@@ -327,3 +327,36 @@ def test_a_dpsgd_stopped_by_the_private_data_is_not_resumed(tmp_path: Path) -> N
     assert "non-finite" in state.load_json(finetune.STOPPED)["reason"]
     with pytest.raises(BudgetError, match="fit again"):
         finetune.finetune(None, None, None, None, None, state=state)  # refused before any use
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """Public pretraining is checkpointed too; resumed, it ends where an uninterrupted one does."""
+    import torch
+
+    from privsynth.data import ImageSet
+    from privsynth.generators import pretrain, privimage, unet
+
+    shape = unet.UNetConfig(classes=2, channels=1, resolution=8, widths=(8, 16),
+                            attention=(False, True), groups=4)
+    gen = torch.Generator().manual_seed(0)
+    public = ImageSet(torch.randint(0, 256, (20, 1, 8, 8), generator=gen, dtype=torch.uint8),
+                      torch.arange(20) % 4, ("a", "b", "c", "d"))
+    cfg = privimage.Config(pretrain_steps=12, pretrain_batch=4)
+    whole = pretrain.pretrain(shape, lambda: public, [[0], [2]], cfg)
+
+    def stop_at_ten(what, done, total):
+        if done == 10:
+            raise KeyboardInterrupt
+
+    state = WorkState(tmp_path, every=0)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain(shape, lambda: public, [[0], [2]], cfg, progress=stop_at_ten, state=state)
+    assert state.load(pretrain.STATE)["step"] == 9  # saved before the step that was cut
+    resumed = pretrain.pretrain(shape, lambda: public, [[0], [2]], cfg, state=state)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert state.load(pretrain.STATE)["step"] == 12
+    done = pretrain.pretrain(shape, lambda: pytest.fail("reads no public image"), [[0], [2]], cfg,
+                             state=state)
+    for a, b in zip(whole.state_dict().values(), done.state_dict().values()):
+        torch.testing.assert_close(a, b)
