@@ -63,10 +63,20 @@ def test_inception_without_network_names_file_and_url(offline: None, tmp_path: P
     from privsynth import fidelity
 
     monkeypatch.chdir(tmp_path)
-    _fails_fast(lambda: fidelity.load_feature_space("inception", inception_weights=tmp_path),
-                fidelity.INCEPTION_FILE, fidelity.INCEPTION_URL)
+    says = (fidelity.INCEPTION_FILE, fidelity.INCEPTION_URL, "--inception-weights", "sha256",
+            "weights_sha256")  # no published sha256 to name: the message says which one is kept
+    _fails_fast(lambda: fidelity.load_feature_space("inception", inception_weights=tmp_path), *says)
     if not (Path("/tmp") / fidelity.INCEPTION_FILE).exists():  # clean-fid's own download spot
-        _fails_fast(lambda: fidelity.load_feature_space("inception"), fidelity.INCEPTION_URL)
+        _fails_fast(lambda: fidelity.load_feature_space("inception"), *says)
+
+
+def test_inception_url_is_the_one_clean_fid_downloads() -> None:
+    """The message sends users where clean-fid itself fetches the file, not to a guessed mirror."""
+    helper = pytest.importorskip("cleanfid.downloads_helper")
+    from privsynth import fidelity
+
+    assert fidelity.INCEPTION_URL == helper.inception_url
+    assert fidelity.INCEPTION_URL.endswith("/" + fidelity.INCEPTION_FILE)
 
 
 def test_open_clip_tag_offline_fails_fast_naming_the_file(offline: None) -> None:
