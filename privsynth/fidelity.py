@@ -30,8 +30,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")
 # clean-fid records no checksum for this file (none in its package, none checked on download), and
-# we state none we have not verified. The report records the sha256 of the file actually used.
-INCEPTION_SHA256: str | None = None
+# we state none we have not verified: the report records the sha256 of the file actually used.
 FEATURE_SPACES = ("efficientnet-lite0", "inception")
 KID_SUBSETS = 100  # clean-fid's defaults; each subset also gives one sample for the std
 KID_SUBSET_SIZE = 1000
@@ -85,11 +84,10 @@ def load_feature_space(name: str, *, inception_weights: Path | None = None,
 
 
 def _inception_help(problem: str) -> str:
-    digest = (f"Its sha256 is {INCEPTION_SHA256}." if INCEPTION_SHA256 else
-              "Its sha256: clean-fid publishes none, so none is checked; each report records the "
-              "sha256 of the file used (feature_space.weights_sha256).")
     return (f"{problem}. Download {INCEPTION_FILE} from {INCEPTION_URL} and pass its folder or the "
-            f"file itself with --inception-weights (library: inception_weights=PATH). {digest}")
+            f"file itself with --inception-weights (library: inception_weights=PATH). Its sha256: "
+            f"clean-fid publishes none, so none is checked; each report records the sha256 of the "
+            f"file used (feature_space.weights_sha256).")
 
 
 def _inception(weights: Path | None) -> tuple[torch.nn.Module, Path]:
