@@ -67,7 +67,7 @@ Examples:\n
   privsynth fit ./xrays --method dp-mepf --epsilon 1 --recipe recipes/mnist-dpmepf.toml --set dpmepf.steps=500 --out runs/x1\n
   privsynth fit assets/demo/private --public assets/demo/public --method privimage --epsilon 10 --recipe recipes/demo-privimage.toml --out runs/pi
 
-  privsynth fit --resume runs/x1   (finish a dp-mepf fit cut short by Ctrl-C, a crash or kill -9)
+  privsynth fit --resume runs/x1   (finish a fit cut short by Ctrl-C, a crash or kill -9)
 """
 
 
