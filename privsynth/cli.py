@@ -34,7 +34,8 @@ class _Group(TyperGroup):
         except (typer.TyperException, typer.Exit, typer.Abort):  # usage errors, --help, Ctrl-C
             raise
         except PrivsynthError as exc:
-            err.print("[red]error:[/]", escape(str(exc)), highlight=False)
+            if getattr(exc, "echo_of_rank", None) is None:  # torchrun: the rank it came from says it
+                err.print(f"[red]error{_rank_tag()}:[/]", escape(str(exc)), highlight=False)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -45,8 +46,16 @@ class _Group(TyperGroup):
         except Exception as exc:  # an unexpected bug: one line, no locals (set PRIVSYNTH_DEBUG=1)
             if os.environ.get("PRIVSYNTH_DEBUG"):
                 raise
-            err.print("[red]internal error:[/]", escape(f"{type(exc).__name__}: {exc}"))
+            if getattr(exc, "echo_of_rank", None) is None:
+                err.print(f"[red]internal error{_rank_tag()}:[/]",
+                          escape(f"{type(exc).__name__}: {exc}"))
             ctx.exit(1)
+
+
+def _rank_tag() -> str:
+    """' (rank N)' in a torchrun process other than rank 0 (from torchrun's RANK variable)."""
+    rank = os.environ.get("RANK", "0")
+    return f" (rank {escape(rank)})" if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 app = typer.Typer(
@@ -112,9 +121,9 @@ def _resume_hint(out: Path):
     try:
         yield
     except BaseException:
-        from privsynth import run
+        from privsynth import distributed, run
 
-        if (run.work_folder(out) / run.FIT_STATE).is_file():
+        if distributed.is_main() and (run.work_folder(out) / run.FIT_STATE).is_file():
             err.print(escape(f"the spend is recorded and the fit's state kept in "
                              f"{run.work_folder(out)}; finish it with: privsynth fit --resume {out}"))
         raise
@@ -156,10 +165,10 @@ def fit(
 ) -> None:
     """Spend the privacy budget once: train a generator on PRIVATE and write a run folder.
     The spend is recorded in PRIVATE's budget ledger; a fit past its limit is refused."""
+    from privsynth import distributed
     from privsynth import recipe as recipes
     from privsynth import run
 
-    bars = _Bars(sys.stderr.isatty() and not json_out)
     if resume is not None:
         given = [name for name, value in (("PRIVATE", private), ("--out", out), ("--public", public),
                                           ("--method", method), ("--epsilon", epsilon),
@@ -168,20 +177,23 @@ def fit(
                                           ("--ledger", ledger), ("--device", device)) if value]
         if given:
             raise UsageError(f"--resume takes the recorded inputs; drop {', '.join(given)}")
-        with bars.progress, _resume_hint(resume):
-            result = run.resume(resume, progress=bars)
+    elif private is None or out is None:
+        raise UsageError("fit needs PRIVATE and --out (or --resume RUN)")
     else:
-        if private is None or out is None:
-            raise UsageError("fit needs PRIVATE and --out (or --resume RUN)")
         raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
         if method is not None:
             raw["method"] = method
         if device is not None:
             raw.setdefault("run", {})["device"] = device
         resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta, unit=unit)
-        with bars.progress, _resume_hint(out):
-            result = run.fit(private, public, resolved, out, progress=bars, dataset=dataset,
-                             ledger_dir=ledger, strict=strict)
+    with distributed.session():
+        bars = _Bars(sys.stderr.isatty() and not json_out and distributed.is_main())
+        with bars.progress, _resume_hint(resume or out):
+            result = (run.resume(resume, progress=bars) if resume is not None else
+                      run.fit(private, public, resolved, out, progress=bars, dataset=dataset,
+                              ledger_dir=ledger, strict=strict))
+    if result is None:  # a torchrun process other than rank 0: rank 0 reports
+        return
     cert = result.certificate
     for path, why in result.rejects[:10]:
         err.print(f"[yellow]skipped[/] {path}: {why}")
@@ -211,9 +223,12 @@ def sample(
 ) -> None:
     """Write N synthetic images from a fitted run (no privacy cost): PNGs in class folders,
     metadata.jsonl, a sha256 manifest and a copy of the certificate."""
-    from privsynth import run
+    from privsynth import distributed, run
 
-    path = run.sample(run_dir, n, out, seed=seed, balanced=balanced, device=device)
+    with distributed.session():
+        path = run.sample(run_dir, n, out, seed=seed, balanced=balanced, device=device)
+    if path is None:  # a torchrun process other than rank 0: rank 0 writes and reports
+        return
     _emit({"dataset": str(path), "images": n, "manifest": str(path / "MANIFEST.sha256")},
           json_out, f"{n} synthetic images written to {path}")
 
@@ -249,22 +264,29 @@ def evaluate(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache, keyed by file contents "
                                                       "(default OUT/cache). Holds statistics of the "
                                                       "real images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass of the feature "
+                                            "network (under torchrun, also the unit of work "
+                                            "shared among the processes).")] = 100,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Compare synthetic dataset(s) with real images: FID, KID, precision/recall, downstream
     accuracy and memorisation, in report.json and a self-contained report.html. Numbers
     computed on real images are not covered by the DP guarantee: the report is for the owner."""
+    from privsynth import distributed
     from privsynth import evaluate as evaluation
     from privsynth.downstream import ClassifierConfig
 
-    bars = _Bars(sys.stderr.isatty() and not json_out)
-    with bars.progress:
-        report = evaluation.evaluate(
-            synthetic, real, out, test=test, val=val, k=k, feature_space=feature_space,
-            classifier=ClassifierConfig(epochs=classifier_epochs) if classifier_epochs > 0 else None,
-            inception_weights=inception_weights, cache_dir=cache_dir, overwrite=overwrite,
-            progress=bars)
+    with distributed.session():
+        bars = _Bars(sys.stderr.isatty() and not json_out and distributed.is_main())
+        with bars.progress:
+            report = evaluation.evaluate(
+                synthetic, real, out, test=test, val=val, k=k, feature_space=feature_space,
+                classifier=ClassifierConfig(epochs=classifier_epochs) if classifier_epochs > 0 else None,
+                inception_weights=inception_weights, cache_dir=cache_dir, overwrite=overwrite,
+                batch_size=batch_size, progress=bars)
+    if report is None:  # a torchrun process other than rank 0: rank 0 writes and reports
+        return
     _emit(report, json_out, _evaluation_summary(report, Path(out)))
 
 

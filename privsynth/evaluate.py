@@ -16,6 +16,10 @@ Pipeline, the same for every set:
 Each image set is decoded and encoded once, in batches, and its features cached by content hash
 in `cache_dir` (default `out/cache`): a second report on the same files reads them back.
 
+Under torchrun (privsynth.distributed) the ranks take turns over each set's batches and rank 0
+gathers the features in batch order (the same rows a single process gets); rank 0 alone reads
+and writes the cache, computes the metrics and the classifier, and writes the report.
+
 Privacy: every number computed from the real images is a statistic of possibly private data, made
 without differential privacy. `not_covered_by_dp` lists each such field; they go to the report
 folder (and `cache_dir`), never to clean-fid's package folder or the temp folder.
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from privsynth import __version__, downstream, manifold
+from privsynth import __version__, distributed, downstream, manifold
 from privsynth.data import Listing, load, scan
 from privsynth.downstream import ClassifierConfig
 from privsynth.errors import DataError, UsageError
@@ -92,43 +96,68 @@ def read_rows(listing: Listing, resolution: int, rows: Sequence[int] | None = No
 
 
 def _encode_listing(listing: Listing, resolution: int, space: FeatureSpace, *, batch_size: int,
-                    device: str, progress: Progress | None, what: str) -> _Encoded:
-    """Decode and encode in batches (memory ~ one batch of images), keeping each row's file."""
-    feats, rows, total = [], [], len(listing.files)
-    for start in range(0, total, batch_size):
-        kept, images = read_rows(listing, resolution, range(start, min(start + batch_size, total)))
-        if len(kept):
-            feats.append(encode(images, space, batch_size=batch_size, device=device))
-            rows.append(kept)
+                    device: str, progress: Progress | None, what: str) -> _Encoded | None:
+    """Decode and encode in batches (memory ~ one batch of images), keeping each row's file.
+
+    Under torchrun, rank r encodes batches r, r + world, ...; rank 0 gathers each round in rank
+    order (so in batch order) and returns the whole; the other ranks return None."""
+    parts, total, world = [], len(listing.files), distributed.world()
+    starts = range(0, total, batch_size)
+    for first in range(0, len(starts), world):
+        part = None
+        if first + distributed.rank() < len(starts):
+            start = starts[first + distributed.rank()]
+            kept, images = read_rows(listing, resolution, range(start, min(start + batch_size, total)))
+            if len(kept):
+                part = (kept, encode(images, space, batch_size=batch_size, device=device))
+        parts += [p for p in distributed.gather(part) or [] if p is not None]
         if progress:
-            progress(f"features of {what}", min(start + batch_size, total), total)
-    if not rows:
-        raise DataError(f"{listing.root}: none of {total} files could be read")
-    rows = np.concatenate(rows)
+            progress(f"features of {what}", min((first + world) * batch_size, total), total)
+    return distributed.on_main(_merged, listing, parts, send=lambda _: None)
+
+
+def _merged(listing: Listing, parts: list[tuple[np.ndarray, np.ndarray]]) -> _Encoded:
+    """One set's (rows, features) batches joined in order."""
+    if not parts:
+        raise DataError(f"{listing.root}: none of {len(listing.files)} files could be read")
+    rows = np.concatenate([p[0] for p in parts])
     labels = np.array(listing.labels, dtype=np.int64)[rows]
-    return _Encoded(np.concatenate(feats), labels, rows, total - len(rows))
+    return _Encoded(np.concatenate([p[1] for p in parts]), labels, rows,
+                    len(listing.files) - len(rows))
 
 
 def _features_of(listing: Listing, resolution: int, space: FeatureSpace, cache_dir: Path | None,
-                 encode_kw: dict) -> tuple[_Encoded, bool]:
-    """Features of one image set, from `cache_dir` when present there; (result, was cached)."""
-    from safetensors.numpy import load_file, save_file
-
+                 encode_kw: dict) -> tuple[_Encoded | None, bool]:
+    """Features of one image set, from `cache_dir` when present there; (result, was cached).
+    Under torchrun the result is rank 0's; the other ranks get None."""
     path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"{_cache_key(listing, resolution, space)}.safetensors"
-        if path.is_file():
-            saved = load_file(path)
-            return _Encoded(saved["features"], saved["labels"], saved["rows"],
-                            int(saved["rejected"][0])), True
+    if cache_dir is not None:  # hashing every file: rank 0's job
+        path = distributed.on_main(lambda: Path(cache_dir) / (
+            f"{_cache_key(listing, resolution, space)}.safetensors"))
+    if path is not None and distributed.on_main(path.is_file):
+        return distributed.on_main(_read_cache, path, send=lambda _: None), True
     found = _encode_listing(listing, resolution, space, **encode_kw)
-    if path is not None:  # private statistics: a folder only its owner reads, written atomically
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = path.with_suffix(".partial")
-        save_file({"features": found.features, "labels": found.labels, "rows": found.rows,
-                   "rejected": np.array([found.rejected])}, str(partial))
-        os.replace(partial, path)
+    if path is not None:
+        distributed.on_main(_write_cache, path, found)
     return found, False
+
+
+def _read_cache(path: Path) -> _Encoded:
+    from safetensors.numpy import load_file
+
+    saved = load_file(path)
+    return _Encoded(saved["features"], saved["labels"], saved["rows"], int(saved["rejected"][0]))
+
+
+def _write_cache(path: Path, found: _Encoded) -> None:
+    """Private statistics: a folder only its owner reads, written atomically."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = path.with_suffix(".partial")
+    save_file({"features": found.features, "labels": found.labels, "rows": found.rows,
+               "rejected": np.array([found.rejected])}, str(partial))
+    os.replace(partial, path)
 
 
 def _resolution(listing: Listing) -> int:
@@ -160,20 +189,25 @@ class _Sets:
         self.resolution, self.space, self.cache_dir, self.kw = resolution, space, cache_dir, kw
         self.encoded, self.seconds = 0, 0.0
 
-    def __call__(self, listing: Listing, what: str) -> _Encoded:
+    def __call__(self, listing: Listing, what: str) -> _Encoded | None:
+        """The set's features (None on torchrun ranks other than 0, which encode their share)."""
         t0 = time.perf_counter()
         found, cached = _features_of(listing, self.resolution, self.space, self.cache_dir,
                                      {**self.kw, "what": what})
-        if not cached:
+        if found is not None and not cached:
             self.encoded += len(found.features)
             self.seconds += time.perf_counter() - t0
-        if len(found.features) < 2:
-            raise DataError(f"{what} {listing.root}: FID needs at least 2 readable images")
+        distributed.on_main(_at_least_two, found, listing, what)
         return found
 
     def throughput(self) -> float | None:
         """Images/s (decode + resize + network) over the sets actually encoded; None if none."""
         return round(self.encoded / self.seconds, 2) if self.encoded else None
+
+
+def _at_least_two(found: _Encoded, listing: Listing, what: str) -> None:
+    if len(found.features) < 2:
+        raise DataError(f"{what} {listing.root}: FID needs at least 2 readable images")
 
 
 def _fidelity(syn: _Encoded, rea: _Encoded, a: Listing, b: Listing, k: int) -> dict:
@@ -228,10 +262,9 @@ def not_covered(report: dict) -> list[str]:
     return paths
 
 
-def _run(listing: Listing, sets: _Sets, real: tuple[Listing, _Encoded],
+def _run(listing: Listing, syn: _Encoded, sets: _Sets, real: tuple[Listing, _Encoded],
          test: tuple[Listing, _Encoded] | None, val: Listing | None, opts: dict) -> dict:
     """Every metric of one synthetic set."""
-    syn = sets(listing, f"synthetic images {listing.root.name}")
     run = {"name": opts["names"][listing.root], "privacy": _privacy_of(listing.root),
            "synthetic": _set_entry(listing, syn),
            **_fidelity(syn, real[1], listing, real[0], opts["k"])}
@@ -271,16 +304,14 @@ def evaluate(synthetic: Path | Sequence[Path], real: Path, out: Path, *, test: P
              inception_weights: Path | None = None, cache_dir: Path | None = None, k: int = 3,
              classifier: ClassifierConfig | None = ClassifierConfig(), device: str = "cpu",
              batch_size: int = 100, progress: Progress | None = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False) -> dict | None:
     """Compare one or more synthetic sets with `real` (and `test`): write `out/report.json` and
     `out/report.html` and return the report. Features are cached in `cache_dir` (default
-    `out/cache`), keyed by file contents."""
+    `out/cache`), keyed by file contents. Under torchrun every rank calls this and encodes its
+    share of each set; rank 0 does the rest and returns the report, the other ranks None."""
     start = time.perf_counter()
     out = Path(out)
-    if (out / REPORT).exists() and not overwrite:
-        raise UsageError(f"{out / REPORT} already exists: choose another --out or remove it")
-    if batch_size < 1 or k < 1:
-        raise UsageError(f"batch_size and k must be >= 1, got {batch_size} and {k}")
+    distributed.on_main(_check_request, out, overwrite, batch_size, k)
     synthetic = [Path(synthetic)] if isinstance(synthetic, (str, Path)) else [Path(s) for s in synthetic]
     runs = [scan(s) for s in synthetic]  # reads no pixel: fails fast
     listings = {"real": scan(real), **({"test": scan(test)} if test else {}),
@@ -295,6 +326,9 @@ def evaluate(synthetic: Path | Sequence[Path], real: Path, out: Path, *, test: P
                  {"batch_size": batch_size, "device": device, "progress": progress})
     real_found = sets(listings["real"], "real images")
     test_found = sets(listings["test"], "test images") if test else None
+    syn_found = [sets(s, f"synthetic images {s.root.name}") for s in runs]
+    if not distributed.is_main():
+        return None  # its share of the features was all this rank had to do
     names = {s.root: s.root.name for s in runs}  # folder names, or paths where those repeat
     if len(set(names.values())) < len(runs):
         names = {s.root: str(s.root) for s in runs}
@@ -306,9 +340,9 @@ def evaluate(synthetic: Path | Sequence[Path], real: Path, out: Path, *, test: P
     if val:
         report["val"] = {"path": str(val), "images": len(listings["val"].files),
                          "classes": list(listings["val"].classes)}
-    report["runs"] = [_run(s, sets, (listings["real"], real_found),
+    report["runs"] = [_run(s, found, sets, (listings["real"], real_found),
                            (listings["test"], test_found) if test else None, listings.get("val"),
-                           opts) for s in runs]
+                           opts) for s, found in zip(runs, syn_found)]
     report |= {"not_covered_by_dp": [], "privacy_note": OWNER_ONLY, "versions": _versions(space),
                "throughput_images_per_s": sets.throughput()}
     report["not_covered_by_dp"] = not_covered(report)
@@ -317,6 +351,14 @@ def evaluate(synthetic: Path | Sequence[Path], real: Path, out: Path, *, test: P
     _write(out / REPORT, json.dumps(report, indent=2) + "\n")
     _write(out / HTML, html)
     return report
+
+
+def _check_request(out: Path, overwrite: bool, batch_size: int, k: int) -> None:
+    """UsageError before any image is read."""
+    if (out / REPORT).exists() and not overwrite:
+        raise UsageError(f"{out / REPORT} already exists: choose another --out or remove it")
+    if batch_size < 1 or k < 1:
+        raise UsageError(f"batch_size and k must be >= 1, got {batch_size} and {k}")
 
 
 def _write(path: Path, text: str) -> None:

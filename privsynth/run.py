@@ -3,10 +3,14 @@
 `fit` writes RUN/recipe.json, RUN/certificate.json, RUN/CERTIFICATE.md, RUN/rejects.jsonl (owner-side:
 the private files it could not use, with reasons; never published) and RUN/model/ into a
 temporary sibling folder and renames it into place, so a run folder is complete or absent.
+
+Under torchrun (privsynth.distributed) every process calls `fit` and `sample`; rank 0 alone checks
+the request, records the spend, writes and returns the result, and the other ranks return None.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import shutil
@@ -16,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from privsynth import certificate, data, publish
+from privsynth import certificate, data, distributed, publish
 from privsynth.checkpoint import WorkState
 from privsynth.errors import DataError, UsageError
 from privsynth.features import load_encoder
@@ -66,14 +70,56 @@ def resolve_for(recipe: Recipe, private: data.Listing) -> tuple[Recipe, str]:
 
 def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
         progress: Progress | None = None, dataset: str | None = None,
-        ledger_dir: Path | None = None, strict: bool = False) -> FitResult:
+        ledger_dir: Path | None = None, strict: bool = False) -> FitResult | None:
     """Spend the budget once on `private_dir` and write a run directory at `out`.
 
     The dataset's ledger (`dataset` name, else the id file in `private_dir`; kept under
     `ledger_dir`, see privacy.ledger) records the charges before any pixel is read, and refuses
     a fit that would take the dataset past the owner's limit. The fit works in `.OUT.work`; if it
     is interrupted after charging, that folder stays so that `resume(out)` can finish the run.
+
+    Under torchrun, a method with DATA_PARALLEL trains on every rank (each reads the private
+    folder at the path rank 0 resolved, and must list the same files there); other methods fit
+    on rank 0 alone. Only rank 0 touches the ledger and `out`; the other ranks return None.
     """
+    module = method_module(recipe.method)
+    if not getattr(module, "DATA_PARALLEL", False) and distributed.world() > 1:
+        return _alone(lambda: fit(private_dir, public, recipe, out, progress=progress,
+                                  dataset=dataset, ledger_dir=ledger_dir, strict=strict))
+    listing, ledger, recipe, doc = distributed.on_main(
+        _begin, private_dir, public, recipe, out, module, dataset, ledger_dir, strict,
+        send=lambda begun: (None, None, None, begun[3]))
+    if listing is None:  # not rank 0: the folder and recipe exactly as rank 0 resolved them
+        recipe = from_dict(doc["recipe"])
+        listing = _with_units(data.scan(doc["private_dir"]), recipe.privacy.unit, module)
+    distributed.check_same(_fingerprint(listing), DataError(
+        f"the processes list different files in {doc['private_dir']}: every node needs the same "
+        "private folder at that path"))
+    return _fit(listing, recipe, out, module, ledger, doc, progress)
+
+
+def _alone(call: Callable[[], FitResult]) -> FitResult | None:
+    """`call()` on rank 0 as if in one process; the other ranks have nothing to do."""
+    if distributed.world() == 1:
+        return call()
+    if not distributed.is_main():
+        return None
+    with distributed.solo():
+        return call()
+
+
+def _fingerprint(listing: data.Listing) -> str:
+    """sha256 of the listing's relative file names, labels and units (no pixel is read)."""
+    h = hashlib.sha256(repr((listing.classes, listing.labels, listing.units)).encode())
+    for path in listing.files:
+        h.update(path.relative_to(listing.root).as_posix().encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, module,
+           dataset: str | None, ledger_dir: Path | None,
+           strict: bool) -> tuple[data.Listing, ledgers.Ledger, Recipe, dict]:
+    """The checks before a fit (rank 0): inputs, `out`, the ledger; the fit-state document."""
     if public is not None and not Path(public).exists():
         raise DataError(f"public source {public} does not exist")
     _device(recipe.run.device, explicit=True)  # no CUDA here: refuse before anything is spent
@@ -89,7 +135,6 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
     listing = data.scan(private_dir)
     if strict:  # decodes every file once more, but before any budget is charged or recorded
         data.require_clean(listing)
-    module = method_module(recipe.method)
     listing = _with_units(listing, recipe.privacy.unit, module)
     ledger = ledgers.Ledger(ledgers.location(ledger_dir), ledgers.dataset_key(private_dir, dataset))
     ledger.check((), delta=None, unit=recipe.privacy.unit)  # nothing left: refuse before any file
@@ -100,16 +145,21 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
            "ledger_dir": str(ledger.folder), "dataset_key": ledger.key, "classes": list(listing.classes),
            "recipe": recipe.to_dict(), "delta_rule": delta_rule, "auto_channels": auto_channels,
            "charges": [], "ledger_entries": []}
-    return _fit(listing, recipe, out, module, ledger, doc, progress)
+    return listing, ledger, recipe, doc
 
 
-def resume(out: Path, *, progress: Progress | None = None) -> FitResult:
+def resume(out: Path, *, progress: Progress | None = None) -> FitResult | None:
     """Finish the fit that was interrupted while writing `out`, from its `.OUT.work` folder.
 
     The charges it recorded before drawing noise are reused, not charged again: whatever the
     interrupted attempt computed after its last saved state was never released. The resumed
     run's certificate therefore equals the one an uninterrupted fit would have written.
+    Under torchrun, rank 0 finishes the fit alone and the other ranks return None.
     """
+    return _alone(lambda: _resume(out, progress))
+
+
+def _resume(out: Path, progress: Progress | None) -> FitResult:
     out = Path(out)
     work = work_folder(out)
     doc = WorkState(work).load_json(FIT_STATE) if work.is_dir() else None
@@ -137,15 +187,19 @@ def work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledgers.Ledger,
-         doc: dict, progress: Progress | None) -> FitResult:
-    """The fit proper, fresh (`doc` has no charges) or resumed (`doc` holds the recorded ones)."""
+def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledgers.Ledger | None,
+         doc: dict, progress: Progress | None) -> FitResult | None:
+    """The fit proper, fresh (`doc` has no charges) or resumed (`doc` holds the recorded ones).
+
+    `ledger` is None on the ranks other than 0: they train their share, write nothing and
+    return None; rank 0's ledger write-ahead is the one every rank waits for."""
     out, public = Path(out), (Path(doc["public"]) if doc["public"] else None)
-    work = work_folder(out)
-    work.mkdir(parents=True, exist_ok=bool(doc["charges"]))
-    state = WorkState(work, every=recipe.run.checkpoint_every)
-    if not doc["charges"]:
-        state.save_json(FIT_STATE, doc)
+    work, main, state = work_folder(out), ledger is not None, None
+    if main:
+        work.mkdir(parents=True, exist_ok=bool(doc["charges"]))
+        state = WorkState(work, every=recipe.run.checkpoint_every)
+        if not doc["charges"]:
+            state.save_json(FIT_STATE, doc)
     entries: list[str] = doc["ledger_entries"]
     encoder = None
     if getattr(module, "USES_ENCODER", True):
@@ -160,16 +214,20 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
         state.save_json(FIT_STATE, doc)
 
     budget = Budget(epsilon=recipe.privacy.epsilon, delta=recipe.privacy.delta,
-                    accountant=recipe.privacy.accountant, on_charge=write_ahead,
+                    accountant=recipe.privacy.accountant,
+                    on_charge=lambda charges: distributed.on_main(write_ahead, charges),
                     charges=[Charge(**c) for c in doc["charges"]])
     gen = module.Generator(recipe.generator, encoder, resolution=recipe.data.resolution,
-                           channels=int(recipe.data.channels), device=recipe.run.device)
+                           channels=int(recipe.data.channels),
+                           device=distributed.device(recipe.run.device))
     try:
         with _settle(ledger, entries):
             extra = {"public": public} if getattr(module, "USES_PUBLIC", False) else {}
             if getattr(module, "RESUMABLE", False):
-                extra["state"] = state
+                extra["state"] = state  # rank 0's only: the other ranks keep no fit state
             sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress, **extra)
+            if not main:
+                return None
             statement = _statement(module.privacy_statement(recipe.generator,
                                                             unit=recipe.privacy.unit),
                                    recipe, doc["delta_rule"], doc["auto_channels"])
@@ -185,7 +243,7 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
             data.write_rejects(final / "rejects.jsonl", gen.rejects)  # owner-side; never published
             publish.move_into_place(final, out)
     except BaseException:
-        if not doc["charges"]:  # nothing spent: nothing worth resuming
+        if main and not doc["charges"]:  # nothing spent: nothing worth resuming
             shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
@@ -204,8 +262,10 @@ def _with_units(listing: data.Listing, spec: str, module: object) -> data.Listin
 
 
 @contextlib.contextmanager
-def _settle(ledger: ledgers.Ledger, entries: list[str]):
-    """Mark this fit's ledger entries completed, or failed (their charges count either way)."""
+def _settle(ledger: ledgers.Ledger | None, entries: list[str]):
+    """Mark this fit's ledger entries completed, or failed (their charges count either way).
+
+    Only rank 0 records entries; on the other ranks `entries` stays empty and `ledger` is None."""
     try:
         yield
     except BaseException:
@@ -250,21 +310,27 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = False,
-           device: str | None = None) -> Path:
+           device: str | None = None) -> Path | None:
     """Write `n` synthetic images from a run as a dataset folder (no privacy cost); the model runs
-    on `device` (default: the run's `run.device` when it is available, else the CPU)."""
+    on `device` (default: the run's `run.device` when it is available, else the CPU).
+
+    Under torchrun each rank draws its share of the sample (whole chunks, each from its own
+    seeded stream: see the samplers) on its own device and rank 0 writes them in order, so the
+    dataset is the one a single process writes for the same seed; the other ranks return None."""
     run = Path(run)
-    if not (run / "model" / "config.json").is_file():
-        raise UsageError(f"{run} is not a privsynth run folder (no model/config.json)")
-    if n < 1:
-        raise UsageError(f"-n must be >= 1, got {n}")
+    distributed.on_main(_check_sample, run, n, Path(out))
     cert = certificate.load(run)
     recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
                         if k != "public"})
     sampler = method_module(recipe.method).Sampler.load(run / "model").to(
-        _device(device or recipe.run.device, explicit=device is not None))
+        distributed.device(_device(device or recipe.run.device, explicit=device is not None)))
     with torch.inference_mode():
-        images, labels = sampler.sample(n, seed=seed, balanced=balanced)
+        part = sampler.sample(n, seed=seed, balanced=balanced,
+                              part=(distributed.rank(), distributed.world()))
+    parts = distributed.gather(part)
+    if parts is None:
+        return None
+    images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     card = {"method": recipe.method, "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
             "run": run.name, "seed": seed, "images": n}
     return publish.write_dataset(Path(out), images, labels, sampler.classes,
@@ -279,3 +345,12 @@ def _device(name: str, *, explicit: bool) -> str:
                              "this machine; use --device cpu")
         return "cpu"
     return name
+
+
+def _check_sample(run: Path, n: int, out: Path) -> None:
+    """UsageError before any sampling: not a run folder, n < 1, or `out` already used."""
+    if not (run / "model" / "config.json").is_file():
+        raise UsageError(f"{run} is not a privsynth run folder (no model/config.json)")
+    if n < 1:
+        raise UsageError(f"-n must be >= 1, got {n}")
+    publish.check_new(out)

@@ -1,7 +1,7 @@
 """Generators: one module per method, each exposing `Config`, `Generator` and `Sampler`."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from privsynth.errors import UsageError
@@ -35,3 +35,27 @@ def draw_labels(n: int, class_weights: Sequence[float], *, balanced: bool, gener
         counts[i] += 1
     labels = torch.repeat_interleave(torch.arange(k), counts)
     return labels[torch.randperm(n, generator=generator)]
+
+
+def draw_chunks(labels, seed: int, batch: int, part: tuple[int, int],
+                draw: Callable, empty):
+    """(images, labels) of share `part` = (i, k) of a sample whose rows are `labels`.
+
+    The rows are cut into chunks of `batch`; share i is the i-th of k runs of whole chunks, and
+    chunk c is `draw(its labels, generator)` with a generator seeded from (seed, c) alone. So a
+    chunk is the same whichever process draws it, and the k shares concatenated in order are the
+    sample one process draws (`part=(0, 1)`). `empty` is what a share with no chunk returns.
+    """
+    import torch
+
+    from privsynth.distributed import stream
+
+    i, k = part
+    if not 0 <= i < k:
+        raise ValueError(f"part must be (i, k) with 0 <= i < k, got {part}")
+    chunks = -(-len(labels) // batch)
+    first, stop = chunks * i // k, chunks * (i + 1) // k
+    out = []
+    for c in range(first, stop):
+        out.append(draw(labels[c * batch:(c + 1) * batch], stream(seed, c)))
+    return (torch.cat(out) if out else empty), labels[first * batch:stop * batch]

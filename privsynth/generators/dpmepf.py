@@ -21,7 +21,7 @@ from privsynth.checkpoint import WorkState
 from privsynth.data import Listing, load
 from privsynth.errors import UsageError
 from privsynth.features import Encoder
-from privsynth.generators import draw_labels
+from privsynth.generators import draw_chunks, draw_labels
 from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
 
@@ -240,18 +240,20 @@ class Sampler:
         self.net, self.classes, self.class_weights = net, tuple(classes), list(class_weights)
 
     @torch.no_grad()
-    def sample(self, n: int, *, seed: int = 0, balanced: bool = False,
-               batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-        """n images (uint8, N x C x H x W) and labels; classes drawn from the noisy counts."""
+    def sample(self, n: int, *, seed: int = 0, balanced: bool = False, batch: int = 500,
+               part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        """n images (uint8, N x C x H x W) and labels; classes drawn from the noisy counts.
+        `part=(i, k)`: only the i-th of k shares, in chunks of `batch` (generators.draw_chunks)."""
         gen = torch.Generator().manual_seed(seed)
         labels = draw_labels(n, self.class_weights, balanced=balanced, generator=gen)
-        out = []
-        for start in range(0, n, batch):
-            y = labels[start:start + batch]
-            z = torch.randn(len(y), self.net.cfg.latent_dim, generator=gen)
-            x = self.net(z.to(self.device), y.to(self.device)).cpu()
-            out.append((x * 255.0).round().clamp(0, 255).to(torch.uint8))
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8), labels
+        cfg = self.net.cfg
+        empty = torch.zeros(0, cfg.channels, cfg.resolution, cfg.resolution, dtype=torch.uint8)
+        return draw_chunks(labels, seed, batch, part, self._draw, empty)
+
+    def _draw(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        z = torch.randn(len(labels), self.net.cfg.latent_dim, generator=gen)
+        x = self.net(z.to(self.device), labels.to(self.device)).cpu()
+        return (x * 255.0).round().clamp(0, 255).to(torch.uint8)
 
     @property
     def device(self) -> torch.device:

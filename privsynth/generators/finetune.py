@@ -24,6 +24,12 @@ timing side channels aside). A step that fails *because of* the private data (a 
 gradient) is the exception: retrying would redraw batches until one avoids the culprit, a
 selection on private data that the accounting does not cover, so the fit is marked and `resume`
 refuses it.
+
+Data-parallel under torchrun (`DPSGD(sharded=True)`): every rank takes its share of each step's
+Poisson sample of units, the clipped sums are all-reduced with rank 0's noise in them, and every
+rank applies the same update (checked at the end: the ranks' weights must be identical). A
+non-finite gradient on any rank stops every rank, and rank 0 (which alone keeps the `WorkState`)
+marks the fit as not resumable.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from privsynth import distributed
 from privsynth.checkpoint import WorkState
 from privsynth.data import ImageSet
 from privsynth.errors import BudgetError
@@ -81,13 +88,14 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
     if saved is not None:
         opt.load_state_dict(saved["opt"])
     mech = DPSGD(budget, charge, expected_batch=cfg.dp_batch, noise=NoiseSource(),
-                 steps_done=0 if saved is None else int(saved["steps_done"]))
+                 steps_done=0 if saved is None else int(saved["steps_done"]), sharded=True)
     alpha_bar = unet.schedule(device)
     loss = lambda net, x, t, y, e: unet.denoising_loss(net, x, t, y, e, alpha_bar)  # noqa: E731
     groups = members(priv, units)
     for batch in mech.batches(len(groups)):
         sums = [torch.zeros_like(p) for p in grads.params]
-        for idx, owners in unit_passes(groups, batch, cap=cfg.unit_images,
+        failed = None
+        for idx, owners in unit_passes(groups, distributed.shard(batch), cap=cfg.unit_images,
                                        per_pass=cfg.physical_batch, generator=gen):
             idx = torch.from_numpy(idx)
             x = semantic.scaled(priv.images[idx]).repeat_interleave(m, 0).to(device)
@@ -95,7 +103,12 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
                                  cfg.label_dropout, gen)
             t, eps = unet.loss_draws(x, gen)
             rows = grads(loss, x, t, y.to(device), eps, group=m)
-            sums = [s + c for s, c in zip(sums, _clipped(rows, cfg.clip, owners, state))]
+            try:
+                sums = [s + c for s, c in zip(sums, _clipped(rows, cfg.clip, owners, state))]
+            except BudgetError as exc:  # a non-finite gradient: caused by the private data
+                failed = exc
+                break
+        _stop_if(distributed.first_error(failed), state)  # a failure on any rank stops all
         for p, g in zip(grads.params, mech.noisy_gradient(sums)):
             p.grad = g
         opt.step()
@@ -108,6 +121,8 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
         if progress and (mech.steps_done % 10 == 0 or mech.steps_done == charge.steps):
             progress(f"DP-SGD fine-tuning (batch {len(batch)})", mech.steps_done, charge.steps)
     grads.close()
+    distributed.check_same(distributed.digest(list(ema.state_dict().values())), RuntimeError(
+        "the ranks' fine-tuned weights differ after DP-SGD (they must stay identical)"))
     return ema
 
 
@@ -120,3 +135,13 @@ def _clipped(rows: list[torch.Tensor], bound: float, owners: torch.Tensor,
         if state:
             state.save_json(STOPPED, {"reason": str(exc)})
         raise
+
+
+def _stop_if(error: BudgetError | None, state: WorkState | None) -> None:
+    """Raise `error`, a failure of this step on some rank; rank 0 (the one with `state`) marks
+    the fit as not resumable even when another rank failed."""
+    if error is None:
+        return
+    if state:
+        state.save_json(STOPPED, {"reason": str(error)})
+    raise error

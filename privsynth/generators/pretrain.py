@@ -4,6 +4,10 @@ Public images only, so no privacy cost: the images of the public classes chosen 
 i are relabelled i. Seeded by `--seed` (public randomness). With a `WorkState`, the model, Adam's
 state and the generator are saved every `checkpoint_every` seconds and when done, and a resumed
 fit continues from there (and skips pretraining once it is done).
+
+Under torchrun the model is wrapped in torch DistributedDataParallel: each rank draws its share of
+every batch of `pretrain_batch` images from its own stream (rank 0's is the one-process stream),
+and backward averages the gradients over the ranks, so each step is the mean over the whole batch.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from privsynth import distributed
 from privsynth.checkpoint import WorkState
 from privsynth.data import ImageSet
 from privsynth.generators import semantic, unet
@@ -30,7 +35,8 @@ def pretrain(shape: unet.UNetConfig, public_set: Callable[[], ImageSet], chosen:
     torch.manual_seed(seed)
     model = unet.build(shape).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
-    gen = torch.Generator().manual_seed(seed)
+    gen = distributed.generator(seed)
+    rows = distributed.share(cfg.pretrain_batch, "privimage.pretrain_batch")
     saved = state.load(STATE) if state else None
     first = 0 if saved is None else int(saved["step"])
     if saved is not None:
@@ -40,16 +46,18 @@ def pretrain(shape: unet.UNetConfig, public_set: Callable[[], ImageSet], chosen:
         opt.load_state_dict(saved["opt"])
         gen.set_state(saved["generator"])
     x_all, y_all = _relabelled(public_set(), chosen)
+    net = distributed.data_parallel(model)  # DDP: backward averages the gradients over ranks
     alpha_bar = unet.schedule(device)
     for step in range(first, cfg.pretrain_steps):
         if state and step > first and state.due():
             state.save(STATE, {"model": model.state_dict(), "opt": opt.state_dict(),
                                "generator": gen.get_state(), "step": step})
-        idx = torch.randint(len(x_all), (cfg.pretrain_batch,), generator=gen)
+        idx = torch.randint(len(x_all), (rows,), generator=gen)
         x = x_all[idx].to(device)
         y = unet.drop_labels(y_all[idx], shape.classes, cfg.label_dropout, gen)
         t, eps = unet.loss_draws(x, gen)
-        loss = unet.denoising_loss(model, x, t, y.to(device), eps, alpha_bar).mean()
+        loss = unet.denoising_loss(net, x, t, y.to(device), eps, alpha_bar).sum()
+        loss = loss / (cfg.pretrain_batch / distributed.world())  # with DDP's average: batch mean
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -12,6 +12,12 @@ the recipe, and DP-SGD's sigma is the smallest that fits what is left of the bud
 Resumable: with a `WorkState`, the noisy histogram and the selection are saved right after the
 release (a resumed fit never releases it again: that would be a second, uncharged release), the
 pretrained UNet after pretraining (periodically during it too), and DP-SGD is checkpointed.
+
+Data-parallel under torchrun (privsynth.distributed): every rank runs `fit`; the histogram rows
+and the DP-SGD clipped sums are computed on each rank's share of the private images (units) and
+summed over the ranks before the one noise draw (by rank 0), and pretraining is torch DDP over
+shares of each batch. Every rank builds the same query classifier (a row has norm sqrt(k)
+whatever it outputs). Only rank 0 gets a `WorkState`: it alone keeps checkpoints.
 """
 from __future__ import annotations
 
@@ -25,10 +31,11 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from privsynth import distributed
 from privsynth.checkpoint import WorkState
 from privsynth.data import ImageSet, Listing, load, scan
 from privsynth.errors import DataError, UsageError
-from privsynth.generators import draw_labels, finetune, pretrain, semantic, unet
+from privsynth.generators import draw_chunks, draw_labels, finetune, pretrain, semantic, unet
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
 from privsynth.privacy.dpsgd import GRAD_SAMPLE_MODES
 
@@ -37,6 +44,7 @@ USES_PUBLIC = True  # run.fit passes the --public folder to Generator.fit
 USES_ENCODER = False  # no perceptual encoder: the [features] section is not used
 RESUMABLE = True  # fit() accepts a WorkState and continues from it
 USER_LEVEL = True  # both mechanisms bound a whole privacy unit (privacy.unit), not one image
+DATA_PARALLEL = True  # under torchrun, every rank trains on its share (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -235,9 +243,11 @@ class Generator:
         """
         sizes = torch.bincount(torch.tensor(units)).tolist() if units else None
         mech = GaussianSum(budget, charge, len(priv.classes), n_public, NoiseSource(),
-                           unit_sizes=sizes)
-        rows = semantic.topk_rows(query, priv.images, self.config.query_topk, device=self.device)
-        mech.add(rows, priv.labels, priv.units if units else None)
+                           unit_sizes=sizes, sharded=True)
+        mine = distributed.shard(torch.arange(len(priv)))  # this rank's images
+        rows = semantic.topk_rows(query, priv.images[mine], self.config.query_topk,
+                                  device=self.device)
+        mech.add(rows, priv.labels[mine], priv.units[mine] if units else None)
         return mech.release()
 
 
@@ -254,17 +264,20 @@ class Sampler:
         self.selection = selection
 
     @torch.no_grad()
-    def sample(self, n: int, *, seed: int = 0, balanced: bool = False,
-               batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
-        """n images (uint8, N x C x H x W) and labels; classes from the noisy histogram."""
+    def sample(self, n: int, *, seed: int = 0, balanced: bool = False, batch: int = 250,
+               part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        """n images (uint8, N x C x H x W) and labels; classes from the noisy histogram.
+        `part=(i, k)`: only the i-th of k shares, in chunks of `batch` (generators.draw_chunks)."""
         gen = torch.Generator().manual_seed(seed)
         labels = draw_labels(n, self.class_weights, balanced=balanced, generator=gen)
-        out = []
-        for start in range(0, n, batch):
-            x = unet.ddim_sample(self.model, labels[start:start + batch], self.cfg,
-                                 steps=self.steps, guidance=self.guidance, generator=gen)
-            out.append(((x.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-        return torch.cat(out), labels
+        side = self.cfg.resolution
+        empty = torch.zeros(0, self.cfg.channels, side, side, dtype=torch.uint8)
+        return draw_chunks(labels, seed, batch, part, self._draw, empty)
+
+    def _draw(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = unet.ddim_sample(self.model, labels, self.cfg, steps=self.steps,
+                             guidance=self.guidance, generator=gen)
+        return ((x.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
     def to(self, device: str) -> "Sampler":
         """Move the denoiser to `device` (e.g. 'cuda'); starting noise is still drawn on the CPU."""

@@ -14,8 +14,12 @@ Privacy units (user-level DP): Poisson sampling is over units; `unit_passes` lay
 unit's images (at most `cap` of them) and `clipped_sum(..., owners=)` averages them into one row
 before clipping, so a unit adds at most C to a step whatever its number of images.
 
-Data-parallel use (torchrun) fits this split: each rank clips and sums its share of the batch
-(`clipped_sum`), the sums are all-reduced, and one rank draws the noise (`noisy_gradient`).
+Data-parallel (torchrun, `sharded=True`): rank 0 draws each Poisson batch and broadcasts it, so
+there is one batch per step over the whole dataset, as in one process; each rank clips and sums
+its share of it (`clipped_sum`); rank 0 adds the step's noise to its own share and the shares are
+all-reduced. The noise thus enters exactly once per step, whatever the number of processes, every
+rank gets the same noisy gradient (so the same optimiser step keeps the weights identical), and
+the accounting -- (sigma, q, T) over the whole dataset -- is that of the one-process run.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from privsynth import distributed
 from privsynth.errors import BudgetError, UsageError
 from privsynth.privacy.budget import Budget, Charge
 from privsynth.privacy.mechanisms import NoiseSource
@@ -167,7 +172,7 @@ class DPSGD:
     """The DP-SGD mechanism of one charge: T Poisson batches, clipped sums, one noise draw each."""
 
     def __init__(self, budget: Budget, charge: Charge, *, expected_batch: float,
-                 noise: NoiseSource, steps_done: int = 0) -> None:
+                 noise: NoiseSource, steps_done: int = 0, sharded: bool = False) -> None:
         if not 0 < charge.sample_rate <= 1 or charge.steps < 1:
             raise BudgetError(f"{charge.name}: DP-SGD needs 0 < sample_rate <= 1 and steps >= 1")
         if not 0 <= steps_done <= charge.steps:
@@ -181,24 +186,37 @@ class DPSGD:
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
         # Steps an earlier, interrupted attempt already applied to the saved model (resume).
         self.steps_done = int(steps_done)
+        self.sharded = sharded  # every rank runs this mechanism on its share (see the module doc)
 
     def batches(self, n: int) -> Iterator[np.ndarray]:
         """The charged steps not yet done, one Poisson batch each: every one of `n` indices (images,
-        or privacy units) kept with probability q. A fresh mechanism draws exactly `charge.steps`."""
+        or privacy units) kept with probability q. A fresh mechanism draws exactly `charge.steps`.
+        Sharded, rank 0's draw is every rank's batch (each then takes its share of it)."""
         return self._poisson(n, self.charge.steps - self.steps_done)
 
     def _poisson(self, n: int, steps: int) -> Iterator[np.ndarray]:
+        draws = not self.sharded or distributed.is_main()
         for _ in range(steps):
-            yield np.flatnonzero(self._rng.random(n) < self.charge.sample_rate)
+            keep = (torch.from_numpy(self._rng.random(n) < self.charge.sample_rate)
+                    if draws else torch.empty(n, dtype=torch.bool))
+            if self.sharded:
+                keep = distributed.broadcast(keep.to(torch.uint8)).bool()
+            yield np.flatnonzero(keep.numpy())
 
     def noisy_gradient(self, summed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """(clipped sum + N(0, (sigma C)^2)) / expected batch; counts one step (empty ones too)."""
+        """(clipped sum + N(0, (sigma C)^2)) / expected batch; counts one step (empty ones too).
+
+        Sharded, `summed` is this rank's share: rank 0 adds the noise to its share before the
+        shares are summed over the ranks, so the noise is drawn once per step, not once per rank.
+        """
         if self.steps_done >= self.charge.steps:
             raise BudgetError(f"{self.charge.name}: all {self.charge.steps} charged steps are spent")
         self.steps_done += 1
-        std = self.charge.noise_multiplier * self.bound
-        out = []
-        for s in summed:
-            noise = torch.from_numpy(self._noise.normal(tuple(s.shape), std))
-            out.append((s.double().cpu() + noise).div(self.expected_batch).to(s.device, s.dtype))
-        return out
+        total = [s.detach().double() for s in summed]
+        if not self.sharded or distributed.is_main():
+            std = self.charge.noise_multiplier * self.bound
+            total = [t + torch.from_numpy(self._noise.normal(tuple(t.shape), std)).to(t.device)
+                     for t in total]
+        if self.sharded:
+            distributed.all_sum(total)
+        return [t.div(self.expected_batch).to(s.dtype) for t, s in zip(total, summed)]

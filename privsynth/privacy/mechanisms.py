@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from privsynth import distributed
 from privsynth.errors import BudgetError
 from privsynth.privacy.budget import Budget, Charge
 
@@ -48,10 +49,14 @@ class GaussianSum:
 
     Each privacy unit adds one row (L2 norm clipped to `charge.sensitivity`) to one slot (its class),
     so adding or removing a unit moves the whole (slots x dim) sum by at most the sensitivity.
+
+    `sharded=True` (torchrun): every rank adds a disjoint share of the rows, and `release` sums the
+    shares over the ranks with rank 0's noise in them: one noise draw, the same release everywhere.
     """
 
     def __init__(self, budget: Budget, charge: Charge, slots: int, dim: int,
-                 noise: NoiseSource, *, unit_sizes: Sequence[int] | None = None) -> None:
+                 noise: NoiseSource, *, unit_sizes: Sequence[int] | None = None,
+                 sharded: bool = False) -> None:
         if charge.sample_rate != 1.0 or charge.steps != 1:
             raise BudgetError(f"{charge.name}: a one-shot release must have sample_rate=1, steps=1")
         budget.claim(charge)  # recorded before use, and used by this mechanism only
@@ -59,6 +64,7 @@ class GaussianSum:
         self._sum = torch.zeros(slots, dim, dtype=torch.float64)
         self._noise = noise
         self._released = False
+        self._sharded = sharded
         # User-level privacy: unit u may add at most sizes[u] rows, each weighted 1/sizes[u].
         self._sizes = None if unit_sizes is None else torch.tensor(list(unit_sizes), dtype=torch.float64)
         self._used = None if unit_sizes is None else torch.zeros(len(unit_sizes), dtype=torch.float64)
@@ -94,6 +100,16 @@ class GaussianSum:
         if self._released:
             raise BudgetError(f"{self.charge.name} can be released only once")
         self._released = True
-        std = self.charge.noise_multiplier * self.charge.sensitivity
-        noise = torch.from_numpy(self._noise.normal(tuple(self._sum.shape), std))
-        return self._sum + noise
+        total = self._sum.clone()
+        if self._sharded and self._used is not None:  # a unit's rows may sit on several ranks
+            used = self._used.clone()
+            distributed.all_sum([used])
+            if bool((used > self._sizes).any()):
+                raise BudgetError(f"{self.charge.name}: a unit added more rows than its declared "
+                                  "size; nothing was released")
+        if not self._sharded or distributed.is_main():
+            std = self.charge.noise_multiplier * self.charge.sensitivity
+            total += torch.from_numpy(self._noise.normal(tuple(total.shape), std))
+        if self._sharded:
+            distributed.all_sum([total])
+        return total
