@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     for p in (ceiling, scale, chart):
         p.add_argument("--work", default="bench-work", help="folder for data, runs and reports")
         p.add_argument("--results", default="benchmarks", help="folder of the results files")
+    sub.add_parser("ddp", add_help=False,
+                   help="torchrun speed-up of privimage pretraining and DP-SGD (see bench/ddp.py)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ddp"]:
+        from bench import ddp
+
+        ddp.run(argv[1:])
+        return 0
     args = parser.parse_args(argv)
     if args.command in ("ceiling", "scale", "chart"):
         import importlib
