@@ -77,6 +77,8 @@ Examples:\n
   privsynth fit assets/demo/private --public assets/demo/public --method privimage --epsilon 10 --recipe recipes/demo-privimage.toml --out runs/pi
 
   privsynth fit --resume runs/x1   (finish a fit cut short by Ctrl-C, a crash or kill -9)
+
+  torchrun --standalone --nproc-per-node 4 -m privsynth fit ... --method privimage --set run.device=cuda   (data-parallel: README "Scaling out")
 """
 
 
