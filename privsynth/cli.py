@@ -78,7 +78,7 @@ Examples:\n
 
   privsynth fit --resume runs/x1   (finish a fit cut short by Ctrl-C, a crash or kill -9)
 
-  torchrun --standalone --nproc-per-node 4 -m privsynth fit ... --method privimage --set run.device=cuda   (data-parallel: README "Scaling out")
+  torchrun --standalone --nproc-per-node 4 -m privsynth fit ... --method privimage --device cuda   (data-parallel, one GPU per process: README "Scaling out")
 """
 
 

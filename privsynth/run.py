@@ -122,7 +122,8 @@ def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, mo
     """The checks before a fit (rank 0): inputs, `out`, the ledger; the fit-state document."""
     if public is not None and not Path(public).exists():
         raise DataError(f"public source {public} does not exist")
-    _device(recipe.run.device, explicit=True)  # no CUDA here: refuse before anything is spent
+    # no CUDA here, or a GPU index under torchrun: refuse before anything is spent
+    distributed.device(_device(recipe.run.device, explicit=True))
     publish.check_new(out)
     work = work_folder(out)
     if work.exists():
