@@ -3,8 +3,8 @@
     python -m bench ddp [--procs 1 2] [--threads 2] [--device cpu] [--dp-steps 20] ...
 
 For each process count P, launches `torchrun --standalone --nproc-per-node P -m bench.ddp` with
-threads/P torch threads per process (the same cores in total), which times `Generator.pretrain`
-(public pretraining, DDP) and `Generator.finetune` (DP-SGD: Poisson batch from rank 0, clipped
+threads/P torch threads per process (the same cores in total), which times `pretrain.pretrain`
+(public pretraining, DDP) and `finetune.finetune` (DP-SGD: Poisson sample from rank 0, clipped
 sums all-reduced, noise once per step) on random 28 px images -- the code `privsynth fit` runs.
 The machine's load average is printed before and after: on a shared machine it says how far to
 trust the figures.
@@ -74,7 +74,7 @@ def worker(argv: list[str]) -> None:
 
     from privsynth import distributed
     from privsynth.data import ImageSet
-    from privsynth.generators import privimage
+    from privsynth.generators import finetune, pretrain, privimage
     from privsynth.privacy import Budget, Charge
 
     args = _parser().parse_args(argv)
@@ -82,8 +82,8 @@ def worker(argv: list[str]) -> None:
         cfg = privimage.Config(width=args.width, pretrain_batch=args.batch,
                                pretrain_steps=args.pretrain_steps, dp_batch=args.batch,
                                physical_batch=args.physical_batch, dp_steps=args.dp_steps)
-        gen = privimage.Generator(cfg, resolution=args.resolution, channels=1,
-                                  device=distributed.device(args.device))
+        device = distributed.device(args.device)
+        shape = privimage.Generator(cfg, resolution=args.resolution, channels=1)._unet(10)
         g = torch.Generator().manual_seed(0)
         shape = (args.images, 1, args.resolution, args.resolution)
         classes = tuple(str(i) for i in range(10))
@@ -94,9 +94,9 @@ def worker(argv: list[str]) -> None:
                         "bench")
         budget = Budget(epsilon=1e9, delta=1e-5, accountant="rdp", charges=[charge])
         t0 = _synced()
-        model = gen.pretrain(pub, [[i] for i in range(10)], 10, 0, None)
+        model = pretrain.pretrain(shape, lambda: pub, [[i] for i in range(10)], cfg, device=device)
         t1 = _synced()
-        gen.finetune(model, priv, budget, charge, 0, None)
+        finetune.finetune(model, priv, budget, charge, cfg, device=device)
         t2 = _synced()
         if distributed.is_main():
             print(json.dumps({"procs": distributed.world(), "threads": torch.get_num_threads(),
