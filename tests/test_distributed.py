@@ -1,7 +1,8 @@
 """Data-parallel runs (torch.distributed, gloo on CPU): DP-SGD and the one-shot release draw their
 noise once per step however many processes take part, the ranks' weights stay identical, an error
 on rank 0 reaches every rank at once, fit / sample / evaluate in 2 processes write what one process
-writes, and `torchrun --nproc-per-node 2 -m privsynth fit` certifies what one process certifies."""
+writes (a user-level fit too), and `torchrun --nproc-per-node 2 -m privsynth fit` certifies what
+one process certifies."""
 from __future__ import annotations
 
 import contextlib
@@ -48,9 +49,11 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]
     run DP-SGD, a sharded release, a refused fit and a fit -> sample -> evaluate. One spawn
     serves the tests below."""
     from conftest import make_folder
+    from test_privacy_units import PEOPLE, _people
 
     tmp = tmp_path_factory.mktemp("ranks")
     make_folder(tmp / "private", per_class=10, size=8)
+    _people(tmp / "people", PEOPLE, metadata=True)  # 12 images of 4 persons
     make_folder(tmp / "public", per_class=4, classes=tuple("abcde"), size=12, seed=3)
     (tmp / "taken").mkdir()
     (tmp / "taken" / "file").write_text("x")
@@ -190,11 +193,13 @@ def test_sharded_release_sums_the_shares_and_adds_noise_once(spawned) -> None:
     assert SIGMA * 0.95 < zero["release_noise_std"] < SIGMA * 1.05
 
 
-def _tiny_recipe():
+def _tiny_recipe(**privacy):
     from privsynth import recipe as recipes
 
     raw = tomllib.loads(TINY)
-    raw["privacy"]["epsilon"] = 4.0
+    raw["privacy"].update(epsilon=4.0, **privacy)
+    if privacy:  # user-level: 2 of the 4 persons per step, 2 images of each
+        raw["privimage"].update(dp_batch=2, unit_images=2)
     return recipes.resolve(raw)
 
 
@@ -227,7 +232,10 @@ def _pipeline_worker(tmp: Path) -> dict:
     synthetic = run.sample(tmp / "run", 260, tmp / "syn", seed=5)  # chunks of 250 + 10 rows
     report = evaluate.evaluate(tmp / "private", tmp / "public", tmp / "rep", classifier=None,
                                batch_size=8)  # 3 batches per set, shared out
-    return {"fitted": fitted and fitted.certificate, "synthetic": synthetic, "report": report}
+    people = run.fit(tmp / "people", tmp / "public", _tiny_recipe(unit="column:person"),
+                     tmp / "run-people", dataset="ddp-people")
+    return {"fitted": fitted and fitted.certificate, "synthetic": synthetic, "report": report,
+            "people": people and people.certificate}
 
 
 def test_fit_sample_evaluate_in_two_processes_write_what_one_process_writes(spawned) -> None:
@@ -251,6 +259,21 @@ def test_fit_sample_evaluate_in_two_processes_write_what_one_process_writes(spaw
     for key in ("fid", "kid", "precision", "recall"):  # the same features: the same numbers
         assert got[key] == want[key]
     assert len(list((tmp / "rep" / "cache").iterdir())) == 2  # one file per set, rank 0's
+
+
+def test_user_level_fit_in_two_processes_certifies_what_one_process_certifies(spawned) -> None:
+    """privacy.unit=column:person: Poisson sampling over 4 persons, a person's images averaged
+    into one clipped row; sharded across 2 processes, the accounting is unchanged."""
+    from privsynth import run
+
+    tmp, (zero, one) = spawned
+    assert one["people"] is None
+    with _one_thread():
+        alone = run.fit(tmp / "people", tmp / "public", _tiny_recipe(unit="column:person"),
+                        tmp / "run-people-1", dataset="ddp-people-1").certificate
+    assert zero["people"]["mechanisms"] == alone["mechanisms"]
+    assert zero["people"]["epsilon"] == alone["epsilon"] and zero["people"]["unit"] == alone["unit"]
+    assert {m["name"]: m for m in alone["mechanisms"]}["privimage.dpsgd"]["sample_rate"] == 2 / 4
 
 
 def test_one_process_helpers_are_no_ops() -> None:
