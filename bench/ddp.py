@@ -83,7 +83,7 @@ def worker(argv: list[str]) -> None:
                                pretrain_steps=args.pretrain_steps, dp_batch=args.batch,
                                physical_batch=args.physical_batch, dp_steps=args.dp_steps)
         device = distributed.device(args.device)
-        shape = privimage.Generator(cfg, resolution=args.resolution, channels=1)._unet(10)
+        unet_shape = privimage.Generator(cfg, resolution=args.resolution, channels=1)._unet(10)
         g = torch.Generator().manual_seed(0)
         shape = (args.images, 1, args.resolution, args.resolution)
         classes = tuple(str(i) for i in range(10))
@@ -94,7 +94,7 @@ def worker(argv: list[str]) -> None:
                         "bench")
         budget = Budget(epsilon=1e9, delta=1e-5, accountant="rdp", charges=[charge])
         t0 = _synced()
-        model = pretrain.pretrain(shape, lambda: pub, [[i] for i in range(10)], cfg, device=device)
+        model = pretrain.pretrain(unet_shape, lambda: pub, [[i] for i in range(10)], cfg, device=device)
         t1 = _synced()
         finetune.finetune(model, priv, budget, charge, cfg, device=device)
         t2 = _synced()
