@@ -140,18 +140,25 @@ def run(args) -> dict:
     return row
 
 
-def _append(folder: Path, row: dict) -> None:
+def append_row(folder: Path, name: str, row: dict, columns: list[str], cells: list[str]) -> None:
+    """Append `row` to `name`.jsonl and its `cells` to the Markdown table `NAME`.md (header
+    `columns`, written when the table is new)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "results.jsonl", "a") as fh:
+    with open(folder / f"{name}.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
-    table = folder / "RESULTS.md"
+    table = folder / f"{name.upper()}.md"
     if not table.exists():
-        table.write_text("| dataset | method | eps | delta | accountant | device | accuracy % | "
-                         "fit s | sample s | peak RSS MB | commit | overrides |\n"
-                         "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        table.write_text("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
     with open(table, "a") as fh:
-        eps = "no privacy" if math.isinf(row["epsilon"]) else f"{row['epsilon']:.3g}"
-        fh.write(f"| {row['dataset']} | {row['method']} | {eps} | {row['delta']:.2e} | "
-                 f"{row['accountant']} | {row['device']} | {100 * row['accuracy']:.2f} | "
-                 f"{row['fit_s']:.0f} | {row['sample_s']:.0f} | {row['peak_rss_mb']:.0f} | "
-                 f"{row['commit']} | {' '.join(row['overrides'])} |\n")
+        fh.write("| " + " | ".join(cells) + " |\n")
+
+
+def _append(folder: Path, row: dict) -> None:
+    eps = "no privacy" if math.isinf(row["epsilon"]) else f"{row['epsilon']:.3g}"
+    append_row(folder, "results", row,
+               ["dataset", "method", "eps", "delta", "accountant", "device", "accuracy %", "fit s",
+                "sample s", "peak RSS MB", "commit", "overrides"],
+               [row["dataset"], row["method"], eps, f"{row['delta']:.2e}", row["accountant"],
+                row["device"], f"{100 * row['accuracy']:.2f}", f"{row['fit_s']:.0f}",
+                f"{row['sample_s']:.0f}", f"{row['peak_rss_mb']:.0f}", row["commit"],
+                " ".join(row["overrides"])])

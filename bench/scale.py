@@ -75,16 +75,10 @@ def run(args) -> list[dict]:
 
 
 def _append(folder: Path, row: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "scaling.jsonl", "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-    table = folder / "SCALING.md"
-    if not table.exists():
-        table.write_text("| dataset | method | private images | eps | delta | fit s | peak RSS MB | "
-                         "load (1 min) at end | commit | overrides |\n"
-                         "|---|---|---|---|---|---|---|---|---|---|\n")
-    with open(table, "a") as fh:
-        fh.write(f"| {row['dataset']} | {row['method']} | {row['private_images']} | "
-                 f"{row['epsilon']:.3g} | {row['delta']:.2e} | {row['fit_s']:.0f} | "
-                 f"{row['peak_rss_mb']:.0f} | {row['load_1min']:.1f} | {row['commit']} | "
-                 f"{' '.join(row['overrides'])} |\n")
+    mnist.append_row(folder, "scaling", row,
+                     ["dataset", "method", "private images", "eps", "delta", "fit s", "peak RSS MB",
+                      "load (1 min) at end", "commit", "overrides"],
+                     [row["dataset"], row["method"], str(row["private_images"]),
+                      f"{row['epsilon']:.3g}", f"{row['delta']:.2e}", f"{row['fit_s']:.0f}",
+                      f"{row['peak_rss_mb']:.0f}", f"{row['load_1min']:.1f}", row["commit"],
+                      " ".join(row["overrides"])])
