@@ -176,12 +176,9 @@ class CifarResNet(Encoder):
         self.name = name + (f"-grid{self.grid}" if self.grid > 1 else "")
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.dim = 16 * 2 + 16 * (blocks - 1) + 32 * blocks + 64 * blocks
-        self.dim *= 1 if self.grid == 1 else 0
         self.freeze()
-        if not self.dim:
-            with torch.no_grad():
-                self.dim = int(self.forward(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
+        with torch.no_grad():
+            self.dim = int(self.forward(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
 
     def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The stem's and every block's feature maps, in order."""
