@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import subprocess
 import time
@@ -135,7 +136,7 @@ def run(args) -> dict:
            "synthetic": args.synthetic, **times,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "recipe": str(recipe_file), "overrides": args.overrides, "commit": _commit(),
-           "run": str(result.run)}
+           "run": str(result.run), "load_1min": os.getloadavg()[0]}
     _append(Path(args.results), row)
     return row
 

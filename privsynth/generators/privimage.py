@@ -60,7 +60,7 @@ class Config:
     select_per_class: int = 2  # public classes chosen per private class (disjoint)
     selection: str = "semantic"  # "semantic" (noisy histogram) or "random" (ablation baseline)
     width: int = 32  # UNet channels at full resolution (then 2x, 2x at the lower levels)
-    attention: bool = True  # self-attention at the two lower levels
+    attention_levels: int = 2  # self-attention at this many of the lowest levels (0, 1 or 2)
     label_dropout: float = 0.1  # share of labels replaced by "no label" (classifier-free guidance)
     pretrain_steps: int = 300  # public pretraining updates (no privacy cost)
     pretrain_batch: int = 64
@@ -91,6 +91,9 @@ class Config:
         if self.selection not in ("semantic", "random"):
             raise UsageError(f"privimage.selection must be 'semantic' or 'random', "
                              f"got {self.selection!r}")
+        if self.attention_levels not in (0, 1, 2):
+            raise UsageError(f"privimage.attention_levels must be 0, 1 or 2, "
+                             f"got {self.attention_levels!r}")
         if not 0 <= self.label_dropout < 1:
             raise UsageError("privimage.label_dropout must be in [0, 1)")
 
@@ -142,9 +145,9 @@ class Generator:
     def __init__(self, config: Config, encoder: object = None, *, resolution: int, channels: int,
                  device: str = "cpu") -> None:
         self.config, self.resolution, self.channels, self.device = config, resolution, channels, device
+        attention = (False, config.attention_levels >= 2, config.attention_levels >= 1)
         self.unet = unet.UNetConfig(0, channels, resolution, (config.width, 2 * config.width,
-                                    2 * config.width), (False, config.attention, config.attention),
-                                    groups=min(8, config.width))
+                                    2 * config.width), attention, groups=min(8, config.width))
         if resolution % 4:
             raise UsageError(f"privimage needs data.resolution divisible by 4, got {resolution}")
         self.rejects: list[tuple[str, str]] = []
