@@ -265,3 +265,20 @@ def test_imagenet_query_recognises_real_public_images() -> None:
     hot = semantic.topk_rows(query, x.permute(0, 3, 1, 2).contiguous(), 1)
     assert hot.shape == (len(picked), len(classes)) and bool((hot.sum(1) == 1).all())
     assert float((hot.argmax(1) == labels).float().mean()) > 0.5  # measured 0.70; off by one: 0.17
+
+
+@pytest.mark.parametrize("levels, expected", [(0, (False, False, False)),
+                                              (1, (False, False, True)),
+                                              (2, (False, True, True))])
+def test_attention_levels_put_attention_at_the_lowest_levels(levels, expected) -> None:
+    gen = privimage.Generator(privimage.Config(attention_levels=levels), resolution=8, channels=1)
+    assert gen.unet.attention == expected
+    model = unet.build(gen._unet(2))
+    with_attention = [any("attentions" in n for n, _ in block.named_parameters())
+                      for block in model.down_blocks]
+    assert tuple(with_attention) == expected  # (the mid block always has attention)
+
+
+def test_attention_levels_outside_0_to_2_are_refused() -> None:
+    with pytest.raises(UsageError, match="attention_levels"):
+        privimage.Config(attention_levels=3)

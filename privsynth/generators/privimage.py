@@ -60,7 +60,8 @@ class Config:
     select_per_class: int = 2  # public classes chosen per private class (disjoint)
     selection: str = "semantic"  # "semantic" (noisy histogram) or "random" (ablation baseline)
     width: int = 32  # UNet channels at full resolution (then 2x, 2x at the lower levels)
-    attention_levels: int = 2  # self-attention at this many of the lowest levels (0, 1 or 2)
+    attention_levels: int = 2  # self-attention at this many of the lowest levels (0, 1 or 2;
+    # the middle block, at the lowest level, always has it)
     label_dropout: float = 0.1  # share of labels replaced by "no label" (classifier-free guidance)
     pretrain_steps: int = 300  # public pretraining updates (no privacy cost)
     pretrain_batch: int = 64
