@@ -223,7 +223,7 @@ def render_html(report: dict, gallery: dict) -> str:
     mark, space = _Marks(report), report["feature_space"]
     sets = [[_e(k), _e(report[k]["path"]), _num(report[k]["images"]) + mark(k)]
             for k in ("real", "test", "val") if k in report]
-    body = [f"<h1>privsynth evaluation report</h1>",
+    body = ["<h1>privsynth evaluation report</h1>",
             f'<p class="warn"><b>Owner only.</b> {_e(report["privacy_note"])} Values marked '
             f'{mark("real")} are not covered by the DP guarantee.</p>',
             f"<p>Feature space: <b>{_e(space['name'])}</b> ({_e(space['layer'])}, "

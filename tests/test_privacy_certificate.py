@@ -7,7 +7,6 @@ import json
 import math
 import warnings
 from importlib import resources
-from pathlib import Path
 
 import dp_accounting
 import jsonschema
