@@ -1,5 +1,6 @@
 """A PNG of downstream accuracy against epsilon: our latest row per (method, epsilon) from
-results.jsonl, the DPImageBench anchors, and the real-data ceiling. Drawn with Pillow only."""
+results.jsonl, the DPImageBench anchors, and the real-data ceiling. Drawn with Pillow only.
+Rows whose `--set` overrides change their recipe (ablations) are not drawn."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from privsynth import recipe as recipes
 
 # DPImageBench accuracy (%) at epsilon 1 and 10 (benchmarks/README.md).
 ANCHORS = {"mnist": {"DP-MERF": (80.3, 81.3), "DPDM": (89.2, 97.7), "PrivImage": (94.0, 97.8),
@@ -28,8 +31,18 @@ def latest(rows: list[dict], dataset: str) -> tuple[dict[str, dict[float, float]
         if row["method"].startswith("real data"):
             ceiling = 100 * row["accuracy"]
             continue
+        if _ablation(row):
+            continue
         series.setdefault(row["method"], {})[float(row["epsilon_target"])] = 100 * row["accuracy"]
     return series, ceiling
+
+
+def _ablation(row: dict) -> bool:
+    """Whether the row's overrides change its recipe (as the recipe file reads now)."""
+    if not row.get("overrides"):
+        return False
+    raw = recipes.read(Path(row["recipe"]))
+    return recipes.resolve(recipes.apply_overrides(raw, row["overrides"])) != recipes.resolve(raw)
 
 
 def draw(rows: list[dict], dataset: str, out: Path) -> Path:

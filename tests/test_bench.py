@@ -1,0 +1,24 @@
+"""The benchmark chart: which rows it draws."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import chart
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist-privimage.toml")
+
+
+def _row(acc: float, overrides: list[str], eps: float = 10.0) -> dict:
+    return {"dataset": "mnist", "method": "privimage", "epsilon_target": eps, "accuracy": acc,
+            "recipe": RECIPE, "overrides": overrides}
+
+
+def test_chart_draws_the_newest_row_and_skips_ablations() -> None:
+    rows = [_row(0.1, []), _row(0.2, ["privimage.selection=semantic"]),  # the recipe's own value
+            _row(0.9, ["privimage.selection=random"]),  # an ablation: not the method's point
+            _row(0.3, [], eps=1.0),
+            {"dataset": "mnist", "method": "real data (ceiling)", "epsilon_target": float("inf"),
+             "accuracy": 0.98, "overrides": ["trained on the real images"]}]
+    series, ceiling = chart.latest(rows, "mnist")
+    assert series == {"privimage": {10.0: 20.0, 1.0: 30.0}}
+    assert ceiling == 98.0
