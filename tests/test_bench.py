@@ -1,4 +1,4 @@
-"""The benchmark chart: which rows it draws."""
+"""Benchmark helpers: which rows the chart draws, how a probe reads its settings."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,3 +22,16 @@ def test_chart_draws_the_newest_row_and_skips_ablations() -> None:
     series, ceiling = chart.latest(rows, "mnist")
     assert series == {"privimage": {10.0: 20.0, 1.0: 30.0}}
     assert ceiling == 98.0
+
+
+def test_probe_arguments_are_typed_and_unknown_keys_refused() -> None:
+    import pytest
+
+    from bench import probe
+
+    feat, gen, eps = probe.parse(["steps=50", "f.grid=2", "lr=0.002", "eps=1", "balance_phi2=true",
+                                  "f.weights=/x.th"])
+    assert feat["grid"] == 2 and feat["weights"] == "/x.th" and feat["pixels"] == 0.5
+    assert gen == {"steps": 50, "lr": 0.002, "balance_phi2": True} and eps == 1.0
+    with pytest.raises(SystemExit, match="unknown key"):
+        probe.parse(["stepz=3"])
