@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from bench.mnist import _tensors, prepare
 from privsynth.data import scan
@@ -64,13 +65,11 @@ def judge(work: Path, folders: dict) -> SmallCNN:
     path = work / "probe" / "judge.safetensors"
     model = SmallCNN(1, 10)
     if path.exists():
-        from safetensors.torch import load_file
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     x, y = _tensors(folders["private"])
     vx, vy = _tensors(folders["val"])
     model, _ = train_classifier(x, y, vx, vy, classes=10, config=ClassifierConfig(epochs=3))
-    from safetensors.torch import save_file
     save_file(model.state_dict(), str(path))
     return model
 
