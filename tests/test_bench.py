@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import chart
+import pytest
+
+from bench import chart, probe
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist-privimage.toml")
 
@@ -25,10 +27,6 @@ def test_chart_draws_the_newest_row_and_skips_ablations() -> None:
 
 
 def test_probe_arguments_are_typed_and_unknown_keys_refused() -> None:
-    import pytest
-
-    from bench import probe
-
     feat, gen, eps = probe.parse(["steps=50", "f.grid=2", "lr=0.002", "eps=1", "balance_phi2=true",
                                   "f.weights=/x.th"])
     assert feat["grid"] == 2 and feat["weights"] == "/x.th" and feat["pixels"] == 0.5
