@@ -1,12 +1,14 @@
-"""Quick dp-mepf probe on MNIST: one setting in about 11 minutes of one core, to compare settings.
+"""Quick dp-mepf probe on MNIST: one setting in 10-20 minutes of one core, to compare settings.
 
-    python -m bench.probe TAG [steps=1000] [f.grid=2] [lr=0.002] [f.name=resnet20-cifar10] ...
+    python -m bench.probe TAG [--recipe FILE] [--set section.key=value ...] [--steps 1000]
+                          [--epsilon 10]
 
-`f.KEY=V` sets an encoder argument (name, weights, input_size, pixels, pixel_size, grid), `eps=E`
-the target epsilon, any other `KEY=V` a `dpmepf` recipe key. The noisy releases (the real
-`Generator.release` on the 55k private split, delta 1.67e-6, PRV) are cached per encoder and
-budget under bench-work/probe/, so settings that only change training share one release. The
-generator is trained by the real `Generator.train`, then judged on 20k samples:
+The recipe (default recipes/mnist-dpmepf.toml) and its `--set` overrides are read exactly as
+`privsynth fit` reads them; `--steps` replaces `dpmepf.steps` (probes are short). The noisy
+releases (the real `Generator.release` on the 55k private split, delta 1.67e-6, PRV) are cached
+per encoder, release settings and budget under bench-work/probe/, so settings that only change
+training share one release. The generator is trained by the real `Generator.train`, then judged
+on 20k samples:
 
 - `fidelity`: how often a classifier trained on the real private split (3 epochs, cached) gives
   a sample the label it was drawn for;
@@ -18,10 +20,10 @@ accuracy); rows go to benchmarks/probes.jsonl and a 10 x 16 sample grid to bench
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -30,34 +32,34 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from bench.mnist import _tensors, prepare
+from privsynth import recipe as recipes
 from privsynth.data import scan
 from privsynth.downstream import ClassifierConfig, SmallCNN, accuracy, train_classifier
-from privsynth.features import load_encoder
 from privsynth.generators import dpmepf
 from privsynth.privacy import Budget
+from privsynth.run import encoder_for
 
 DELTA = 1.67e-6  # 1 / (N ln N), N = 55,000
+RELEASE_KEYS = ("share_phi1", "share_phi2", "share_counts", "phi2_bound", "split_bits",
+                "share_centre", "split_seed")
 
 
-def parse(args: list[str]) -> tuple[dict, dict, float]:
-    """Encoder arguments, dpmepf config overrides and epsilon from KEY=V words."""
-    feat = {"name": "efficientnet-lite0", "weights": None, "input_size": 32, "pixels": 0.5,
-            "pixel_size": 14, "grid": 1}
-    fields = {f.name: f for f in dataclasses.fields(dpmepf.Config)}
-    gen, eps = {}, 10.0
-    for word in args:
-        key, value = word.split("=", 1)
-        if key.startswith("f."):
-            key = key[2:]
-            feat[key] = value if feat[key] is None else type(feat[key])(value)
-        elif key == "eps":
-            eps = float(value)
-        elif key in fields:
-            default = getattr(dpmepf.Config(), key)
-            gen[key] = value.lower() == "true" if isinstance(default, bool) else type(default)(value)
-        else:
-            raise SystemExit(f"unknown key {key!r}")
-    return feat, gen, eps
+def parse(argv: list[str]) -> tuple[str, recipes.Recipe, list[str]]:
+    """Tag, resolved recipe and the override words (recorded with the row)."""
+    ap = argparse.ArgumentParser(prog="python -m bench.probe")
+    ap.add_argument("tag")
+    ap.add_argument("--recipe", default="recipes/mnist-dpmepf.toml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="recipe override section.key=value (repeatable)")
+    ap.add_argument("--steps", type=int, default=1000, help="generator steps [1000]")
+    ap.add_argument("--epsilon", type=float, default=10.0)
+    args = ap.parse_args(argv)
+    sets = [*args.overrides, f"dpmepf.steps={args.steps}"]
+    raw = recipes.apply_overrides(recipes.read(Path(args.recipe)), sets)
+    recipe = recipes.with_privacy(recipes.resolve(raw), epsilon=args.epsilon)
+    if recipe.method != "dp-mepf":
+        raise SystemExit(f"bench.probe compares dp-mepf settings; the recipe is {recipe.method}")
+    return args.tag, recipe, [f"--recipe={args.recipe}", *sets]
 
 
 def judge(work: Path, folders: dict) -> SmallCNN:
@@ -76,24 +78,22 @@ def judge(work: Path, folders: dict) -> SmallCNN:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run one probe and append its row."""
-    argv = sys.argv[1:] if argv is None else argv
-    tag, (feat, gen, eps) = argv[0], parse(argv[1:])
+    tag, recipe, words = parse(argv)
     work = Path("bench-work")
     folders = prepare(work)
     (work / "probe").mkdir(parents=True, exist_ok=True)
-    cfg = dpmepf.Config(**gen)
+    cfg = recipe.generator
     torch.manual_seed(0)
-    name = feat.pop("name")
-    encoder = load_encoder(name, **feat)
-    release_key = json.dumps([name, feat, eps, cfg.share_phi1, cfg.share_phi2, cfg.share_counts,
-                              cfg.phi2_bound])
+    encoder = encoder_for(recipe)
+    release_key = json.dumps([dataclasses.asdict(recipe.features), recipe.privacy.epsilon,
+                              [getattr(cfg, k) for k in RELEASE_KEYS]])
     cache = work / "probe" / f"release-{hashlib.sha1(release_key.encode()).hexdigest()[:10]}.pt"
-    g = dpmepf.Generator(cfg, encoder, resolution=28, channels=1)
+    g = dpmepf.Generator(cfg, encoder, resolution=recipe.data.resolution, channels=1)
     listing = scan(folders["private"])
     if cache.exists():
         rel = dpmepf.Releases(**torch.load(cache))
     else:
-        budget = Budget(epsilon=eps, delta=DELTA, accountant="prv")
+        budget = Budget(epsilon=recipe.privacy.epsilon, delta=DELTA, accountant="prv")
         rel = g.release(listing, budget, g.plan(budget))
         torch.save(rel.__dict__, cache)
     t0 = time.time()
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     _, curve = train_classifier(x, y, vx, vy, classes=10, config=ClassifierConfig(epochs=6))
     rows = [torch.cat([x[i, 0] for i in (y == k).nonzero()[:16, 0]], 1) for k in range(10)]
     Image.fromarray(torch.cat(rows, 0).numpy()).save(work / "probe" / f"{tag}.png")
-    row = {"tag": tag, "args": argv[1:], "encoder": encoder.name, "dim": encoder.dim,
+    row = {"tag": tag, "args": words, "features": dataclasses.asdict(recipe.features),
+           "dpmepf": dataclasses.asdict(cfg), "encoder": encoder.name, "dim": encoder.dim,
            "train_s": round(train_s), "per_step_s": train_s / cfg.steps, "fidelity": fidelity,
            "val": max(curve), "curve": curve}
     print(json.dumps(row), flush=True)

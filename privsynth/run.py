@@ -204,9 +204,7 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
     entries: list[str] = doc["ledger_entries"]
     encoder = None
     if getattr(module, "USES_ENCODER", True):
-        encoder = load_encoder(recipe.features.encoder, weights=recipe.features.weights or None,
-                               input_size=recipe.features.input_size, pixels=recipe.features.pixels,
-                               pixel_size=recipe.features.pixel_size, grid=recipe.features.grid)
+        encoder = encoder_for(recipe)
 
     def write_ahead(charges: list) -> None:  # runs inside Budget.charge: before any noise/pixel
         entries.append(ledger.record(charges, delta=recipe.privacy.delta, unit=recipe.privacy.unit,
@@ -249,6 +247,13 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
         raise
     shutil.rmtree(work, ignore_errors=True)
     return FitResult(out, cert, recipe, list(gen.rejects))
+
+
+def encoder_for(recipe: Recipe):
+    """The pretrained encoder that `recipe.features` names."""
+    f = recipe.features
+    return load_encoder(f.encoder, weights=f.weights or None, input_size=f.input_size,
+                        pixels=f.pixels, pixel_size=f.pixel_size, grid=f.grid)
 
 
 def _with_units(listing: data.Listing, spec: str, module: object) -> data.Listing:

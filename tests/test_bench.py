@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from bench import chart, probe
+from privsynth.errors import UsageError
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist-privimage.toml")
 
@@ -26,10 +27,12 @@ def test_chart_draws_the_newest_row_and_skips_ablations() -> None:
     assert ceiling == 98.0
 
 
-def test_probe_arguments_are_typed_and_unknown_keys_refused() -> None:
-    feat, gen, eps = probe.parse(["steps=50", "f.grid=2", "lr=0.002", "eps=1", "balance_phi2=true",
-                                  "f.weights=/x.th"])
-    assert feat["grid"] == 2 and feat["weights"] == "/x.th" and feat["pixels"] == 0.5
-    assert gen == {"steps": 50, "lr": 0.002, "balance_phi2": True} and eps == 1.0
-    with pytest.raises(SystemExit, match="unknown key"):
-        probe.parse(["stepz=3"])
+def test_probe_reads_the_recipe_with_its_overrides() -> None:
+    tag, recipe, words = probe.parse(["t", "--set", "dpmepf.lr=0.003", "--set", "features.grid=4",
+                                      "--steps", "50", "--epsilon", "1"])
+    assert tag == "t" and recipe.generator.steps == 50 and recipe.generator.lr == 0.003
+    assert recipe.features.grid == 4 and recipe.privacy.epsilon == 1.0
+    assert recipe.features.pixels == 0.5  # the rest comes from recipes/mnist-dpmepf.toml
+    assert words[-1] == "dpmepf.steps=50" and "dpmepf.lr=0.003" in words
+    with pytest.raises(UsageError, match="did you mean 'steps'"):
+        probe.parse(["t", "--set", "dpmepf.stepz=3"])

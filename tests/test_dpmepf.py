@@ -187,3 +187,95 @@ def test_cifar_resnet_encoder_loads_the_real_network() -> None:
         rows = enc(torch.rand(4, 1, 28, 28))
     assert len(names) == 20 and (logits.argmax(1) == labels).sum() >= 17
     assert rows.shape[1] == enc.dim and bool((rows.norm(dim=1) <= 1 + 1e-5).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# split_bits: per-cell releases placed by a first release of class centres
+
+
+def _captured(folder: Path, encoder, monkeypatch, cfg: dpmepf.Config, centre=None) -> dict:
+    """The pre-noise sums of every release for `folder`; with `centre`, the centre release
+    returns those sums instead (the second stage conditioned on one released centre)."""
+    from privsynth.privacy.mechanisms import GaussianSum
+
+    seen = {}
+
+    class Capture(GaussianSum):
+        def release(self):
+            seen[self.charge.name] = self._sum.clone()
+            out = super().release()
+            return centre.clone() if centre is not None and self.charge.name == "dpmepf.centre" else out
+
+    monkeypatch.setattr(dpmepf, "GaussianSum", Capture)
+    monkeypatch.setattr(dpmepf, "NoiseSource", _NoNoise)
+    gen = dpmepf.Generator(cfg, encoder, resolution=28, channels=1)
+    budget = Budget(epsilon=4.0, delta=1e-5, accountant="rdp")
+    rel = gen.release(scan(folder), budget, gen.plan(budget))
+    seen["cells"] = rel.cells
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["white", "noise", "duplicate"])
+def test_split_releases_move_at_most_their_sensitivity(kind, tmp_path, encoder, monkeypatch) -> None:
+    cfg = dpmepf.Config(steps=1, split_bits=2)
+    base = make_folder(tmp_path / "d", per_class=6)
+    plus = make_folder(tmp_path / "d_plus", per_class=6)
+    target = plus / "circle" / "extra.png"
+    if kind == "duplicate":
+        target.write_bytes((plus / "circle" / "000.png").read_bytes())
+    else:
+        Image.fromarray(ADVERSARIAL[kind].astype(np.uint8), "L").save(target)
+    a = _captured(base, encoder, monkeypatch, cfg)
+    assert a["cells"] == 4 and a["dpmepf.phi1"].shape[0] == 8
+    assert float((a["dpmepf.counts"].view(2, 4).sum(1) - 6).abs().max()) == 0  # every image counted
+    b_free = _captured(plus, encoder, monkeypatch, cfg)
+    sens = {c.name: c.sensitivity for c in cfg.plan(1.0)}
+    assert set(sens) == {"dpmepf.centre", "dpmepf.phi1", "dpmepf.phi2", "dpmepf.counts"}
+    assert float((b_free["dpmepf.centre"] - a["dpmepf.centre"]).norm()) <= 1 + 1e-6
+    # given the same released centre, the cell releases move by one row only
+    b = _captured(plus, encoder, monkeypatch, cfg, centre=a["dpmepf.centre"])
+    for name in ("dpmepf.phi1", "dpmepf.phi2", "dpmepf.counts"):
+        moved = float((b[name] - a[name]).norm())
+        assert moved <= sens[name] * (1 + 1e-6), (name, moved)
+    assert float((b["dpmepf.counts"] - a["dpmepf.counts"]).norm()) == pytest.approx(1.0)
+
+
+def test_a_rows_cell_depends_on_that_row_alone(encoder) -> None:
+    gen = dpmepf.Generator(dpmepf.Config(split_bits=3), encoder, resolution=28, channels=1)
+    feats = torch.rand(20, 7, dtype=torch.float64)
+    labels = torch.tensor([0, 1] * 10)
+    centre = torch.rand(2, 7, dtype=torch.float64)
+    together = gen.cell_of(feats, labels, centre)
+    alone = torch.cat([gen.cell_of(feats[i:i + 1], labels[i:i + 1], centre) for i in range(20)])
+    assert torch.equal(together, alone) and int(together.max()) < 8
+    assert len(set(together.tolist())) > 2  # the projections really cut the cloud
+
+
+def test_split_plan_charges_the_centre_and_still_hits_the_target() -> None:
+    cfg = dpmepf.Config(split_bits=2, share_centre=0.05)
+    budget = Budget(epsilon=2.0, delta=1e-6)
+    charges = budget.calibrate(cfg.plan)
+    assert [c.name for c in charges] == ["dpmepf.centre", "dpmepf.phi1", "dpmepf.phi2",
+                                         "dpmepf.counts"]
+    assert 2.0 * (1 - 2e-3) <= budget.spent(charges) <= 2.0
+    inv = {c.name: 1 / c.noise_multiplier ** 2 for c in charges}
+    assert inv["dpmepf.centre"] / sum(inv.values()) == pytest.approx(0.05 / 1.05)
+    with pytest.raises(Exception, match="split_bits"):
+        dpmepf.Config(split_bits=7)
+
+
+def test_a_split_sampler_labels_images_by_class(tmp_path, encoder) -> None:
+    listing = scan(make_folder(tmp_path / "d", per_class=4))
+    cfg = dpmepf.Config(steps=2, batch_per_class=1, width=8, latent_dim=8, split_bits=1)
+    gen = dpmepf.Generator(cfg, encoder, resolution=16, channels=1)
+    sampler = gen.fit(listing, Budget(epsilon=5.0, delta=1e-5))
+    assert sampler.cells == 2 and len(sampler.weights) == 4
+    assert sampler.net.cfg.num_classes == 4  # one generator label per cell
+    sampler.save(tmp_path / "model")
+    again = dpmepf.Sampler.load(tmp_path / "model")
+    x1, y1 = sampler.sample(40, seed=3, balanced=True)
+    x2, y2 = again.sample(40, seed=3, balanced=True)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.bincount(y1, minlength=2).tolist() == [20, 20]
+    assert math.isclose(sum(again.class_weights), 1.0, rel_tol=1e-6)
+    assert len(again.class_weights) == 2

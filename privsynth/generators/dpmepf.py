@@ -4,6 +4,15 @@ Private data is touched once: per-class sums of unit-norm perceptual features (p
 element-wise squares (phi2) and per-class counts, each released by a Gaussian mechanism charged to
 the one budget. Means are noisy sums over noisy counts (counts are *not* treated as public).
 Training the generator reads only those releases, so it is post-processing at no privacy cost.
+
+With `split_bits = b > 0` (our extension, not in the paper) each class is cut into 2^b cells and
+the three releases are per cell: a first, cheap release of per-class centres (`dpmepf.centre`)
+places the cut, and an image's cell is the sign pattern of b fixed random projections (public
+randomness, `split_seed`) of its feature row minus its class centre. Matching the mean and second
+moment of every cell constrains the generator far more than one mean per class does (it must
+reproduce each style of a digit, not only the average one), at no extra sensitivity: an image
+still adds one row to one slot. The centre release and the cell releases compose adaptively in
+the one accountant; given the released centres, the cut is a fixed function of each image alone.
 """
 from __future__ import annotations
 
@@ -49,21 +58,36 @@ class Config:
     balance_phi2: bool = False  # scale the phi2 loss up to the phi1 loss (hurt on MNIST: 13% vs 31%)
     class_loss: float = 0.0  # weight of a per-image cross-entropy under the nearest-noisy-mean
     class_temperature: float = 0.02  # classifier (logits -|f - phi1_c|^2 / temperature)
+    split_bits: int = 0  # > 0: release per cell, 2**split_bits cells per class (module docstring)
+    share_centre: float = 0.05  # ... share of the noise budget for the per-class centres
+    split_seed: int = 0  # public seed of the random projection directions that cut the cells
 
     def __post_init__(self) -> None:
-        shares = (self.share_phi1, self.share_phi2, self.share_counts)
+        shares = (self.share_phi1, self.share_phi2, self.share_counts, self.share_centre)
         if min(shares) < 0 or self.share_phi1 <= 0 or self.share_counts <= 0:
             raise UsageError("dpmepf shares must be >= 0, with share_phi1 and share_counts > 0")
         if not 0 < self.moving_average <= 1:
             raise UsageError("dpmepf.moving_average must be in (0, 1]")
+        if not 0 <= self.split_bits <= 6:
+            raise UsageError(f"dpmepf.split_bits must be in 0..6, got {self.split_bits}")
+        if self.split_bits and self.share_centre <= 0:
+            raise UsageError("dpmepf.share_centre must be > 0 when split_bits > 0")
+
+    @property
+    def cells(self) -> int:
+        """Cells per class (1: the paper's per-class releases)."""
+        return 2 ** self.split_bits
 
     def plan(self, scale: float) -> list[Charge]:
         """The releases for overall noise scale `scale` (sigma of the composed mechanism)."""
-        total = self.share_phi1 + self.share_phi2 + self.share_counts
-        specs = [("dpmepf.phi1", self.share_phi1, 1.0, "per-class sums of unit-norm features"),
+        slot = "cell" if self.split_bits else "class"
+        specs = [("dpmepf.centre", self.share_centre if self.split_bits else 0.0, 1.0,
+                  "per-class sums of [feature, 1] / sqrt(2): the centres that place the cells"),
+                 ("dpmepf.phi1", self.share_phi1, 1.0, f"per-{slot} sums of unit-norm features"),
                  ("dpmepf.phi2", self.share_phi2, self.phi2_bound,
-                  "per-class sums of squared features"),
-                 ("dpmepf.counts", self.share_counts, 1.0, "per-class image counts")]
+                  f"per-{slot} sums of squared features"),
+                 ("dpmepf.counts", self.share_counts, 1.0, f"per-{slot} image counts")]
+        total = sum(share for _, share, _, _ in specs)
         return [Charge(name, scale / math.sqrt(share / total), 1.0, 1, bound, what)
                 for name, share, bound, what in specs if share > 0]
 
@@ -77,6 +101,13 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
              f"its element-wise square, clipped to L2 norm {config.phi2_bound:g}, to phi2.",
              "Files that cannot be decoded are skipped; each file is handled independently, so "
              "this does not change the sensitivity."]
+    if config.split_bits:
+        notes.append(
+            f"Each class is cut into {config.cells} cells by the signs of {config.split_bits} "
+            f"random projections (public seed {config.split_seed}) of (feature row - the class "
+            "centre released by dpmepf.centre); phi1, phi2 and counts are released per cell. "
+            "Given the released centres an image's cell depends on that image alone, so it still "
+            "adds one row to one slot; the two stages compose adaptively in the accountant.")
     return {"privacy_unit": "one image file",
             "post_processing": "a generator trained only on the noisy releases (it never reads "
                                "private data); sampling uses class proportions from the noisy counts",
@@ -87,9 +118,11 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
 class Releases:
     """The noisy statistics: everything the generator may learn from."""
 
-    phi1: torch.Tensor  # (K, D) noisy mean features
-    phi2: torch.Tensor | None  # (K, D) noisy mean squared features
-    counts: torch.Tensor  # (K,) noisy counts, clamped to >= 1
+    phi1: torch.Tensor  # (K * cells, D) noisy mean features, slot = class * cells + cell
+    phi2: torch.Tensor | None  # (K * cells, D) noisy mean squared features
+    counts: torch.Tensor  # (K * cells,) noisy counts, clamped to >= 1
+    cells: int = 1  # slots per class (Config.split_bits)
+    centre: torch.Tensor | None = None  # (K, D) noisy class centres that placed the cells
 
 
 class Generator:
@@ -141,30 +174,53 @@ class Generator:
         """Read the private images, accumulate clipped statistics, and release them with noise."""
         images = load(private, resolution=self.resolution, channels=self.channels)
         self.rejects = list(images.rejects)
-        k, dim, noise = len(private.classes), self.encoder.dim, NoiseSource()
+        k, dim, noise, cells = len(private.classes), self.encoder.dim, NoiseSource(), self.config.cells
         by_name = {c.name: c for c in charges}
         # User-level privacy: a unit's rows are weighted 1/(its listed files) inside the mechanism.
         sizes = (torch.bincount(torch.tensor(private.units)).tolist() if private.units else None)
-        mech = {name: GaussianSum(budget, c, k, 1 if name.endswith("counts") else dim, noise,
-                                  unit_sizes=sizes)
+        width = {"dpmepf.counts": 1, "dpmepf.centre": dim + 1}
+        mech = {name: GaussianSum(budget, c, k if name == "dpmepf.centre" else k * cells,
+                                  width.get(name, dim), noise, unit_sizes=sizes)
                 for name, c in by_name.items()}
-        step = self.config.feature_batch
-        for start in range(0, len(images), step):
-            x = images.images[start:start + step].to(self.device, torch.float32) / 255.0
-            y = images.labels[start:start + step]
-            u = None if images.units is None else images.units[start:start + step]
+        centre = None
+        if cells > 1:  # stage 1: where each class is cut
+            for x, y, u in self._batches(images, progress, "encoding private images (centres)"):
+                feats = self.encoder(x).double().cpu()
+                ones = torch.ones(len(y), 1, dtype=torch.float64)
+                mech["dpmepf.centre"].add(torch.cat([feats, ones], 1) / math.sqrt(2), y, u)
+            sums = mech["dpmepf.centre"].release()
+            centre = sums[:, :dim] / sums[:, dim:].clamp(min=1 / math.sqrt(2))
+        for x, y, u in self._batches(images, progress, "encoding private images"):
             feats = self.encoder(x).double().cpu()
-            mech["dpmepf.phi1"].add(feats, y, u)
+            slots = y * cells + (self.cell_of(feats, y, centre) if centre is not None else 0)
+            mech["dpmepf.phi1"].add(feats, slots, u)
             if "dpmepf.phi2" in mech:
-                mech["dpmepf.phi2"].add(feats ** 2, y, u)
-            mech["dpmepf.counts"].add(torch.ones(len(y), 1, dtype=torch.float64), y, u)
-            if progress:
-                progress("encoding private images", min(start + step, len(images)), len(images))
+                mech["dpmepf.phi2"].add(feats ** 2, slots, u)
+            mech["dpmepf.counts"].add(torch.ones(len(y), 1, dtype=torch.float64), slots, u)
         counts = mech["dpmepf.counts"].release()[:, 0].clamp(min=1.0)
         phi1 = mech["dpmepf.phi1"].release() / counts[:, None]
         phi2 = mech["dpmepf.phi2"].release() / counts[:, None] if "dpmepf.phi2" in mech else None
         del images
-        return Releases(phi1.float(), None if phi2 is None else phi2.float(), counts.float())
+        return Releases(phi1.float(), None if phi2 is None else phi2.float(), counts.float(),
+                        cells, None if centre is None else centre.float())
+
+    def _batches(self, images, progress: Progress | None, what: str):
+        step = self.config.feature_batch
+        for start in range(0, len(images), step):
+            x = images.images[start:start + step].to(self.device, torch.float32) / 255.0
+            u = None if images.units is None else images.units[start:start + step]
+            yield x, images.labels[start:start + step], u
+            if progress:
+                progress(what, min(start + step, len(images)), len(images))
+
+    def cell_of(self, feats: torch.Tensor, labels: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """Each row's cell within its class: the signs of `split_bits` fixed random projections
+        of (row - its class centre), read as a binary number. Depends on the row alone."""
+        gen = torch.Generator().manual_seed(self.config.split_seed)
+        directions = torch.randn(feats.shape[1], self.config.split_bits, generator=gen,
+                                 dtype=torch.float64)
+        signs = ((feats.double() - centre.double()[labels]) @ directions > 0).long()
+        return (signs * (2 ** torch.arange(self.config.split_bits))).sum(1)
 
     def train(self, rel: Releases, classes: tuple[str, ...], *, seed: int = 0,
               progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
@@ -173,7 +229,7 @@ class Generator:
         With `state`, the whole training state (weights, optimiser, running means, random
         generator) is saved every `state.every` seconds and restored first: a resumed training
         ends with the same weights as an uninterrupted one."""
-        cfg, k = self.config, len(classes)
+        cfg, k = self.config, len(classes) * rel.cells  # one generator label per slot
         torch.manual_seed(seed)
         gcfg = ConvGenConfig(k, self.channels, self.resolution, cfg.latent_dim, cfg.width)
         net = ConvGenerator(gcfg).to(self.device)
@@ -232,12 +288,23 @@ def _class_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Sampler:
-    """A fitted DP-MEPF generator: safe to publish (it saw only noisy releases)."""
+    """A fitted DP-MEPF generator: safe to publish (it saw only noisy releases).
+
+    `weights` holds one weight per generator slot: per class, or per cell (class * cells + cell)
+    when the releases were per cell; images are labelled with their slot's class."""
 
     method = "dp-mepf"
 
-    def __init__(self, net: ConvGenerator, classes: tuple[str, ...], class_weights: list[float]) -> None:
-        self.net, self.classes, self.class_weights = net, tuple(classes), list(class_weights)
+    def __init__(self, net: ConvGenerator, classes: tuple[str, ...], weights: list[float]) -> None:
+        self.net, self.classes, self.weights = net, tuple(classes), list(weights)
+        if len(self.weights) % len(self.classes):
+            raise ValueError(f"{len(self.weights)} slot weights for {len(self.classes)} classes")
+        self.cells = len(self.weights) // len(self.classes)
+
+    @property
+    def class_weights(self) -> list[float]:
+        """Per-class sampling weights (the slots of a class summed)."""
+        return torch.tensor(self.weights).view(len(self.classes), self.cells).sum(1).tolist()
 
     @torch.no_grad()
     def sample(self, n: int, *, seed: int = 0, balanced: bool = False, batch: int = 500,
@@ -245,10 +312,17 @@ class Sampler:
         """n images (uint8, N x C x H x W) and labels; classes drawn from the noisy counts.
         `part=(i, k)`: only the i-th of k shares, in chunks of `batch` (generators.draw_chunks)."""
         gen = torch.Generator().manual_seed(seed)
-        labels = draw_labels(n, self.class_weights, balanced=balanced, generator=gen)
+        if self.cells == 1:
+            slots = draw_labels(n, self.weights, balanced=balanced, generator=gen)
+        else:  # balanced: equal classes, cells in their noisy proportions within a class
+            w = torch.tensor(self.weights, dtype=torch.float64).view(len(self.classes), self.cells)
+            if balanced:
+                w = w / w.sum(1, keepdim=True) / len(self.classes)
+            slots = draw_labels(n, w.flatten().tolist(), balanced=False, generator=gen)
         cfg = self.net.cfg
         empty = torch.zeros(0, cfg.channels, cfg.resolution, cfg.resolution, dtype=torch.uint8)
-        return draw_chunks(labels, seed, batch, part, self._draw, empty)
+        images, slots = draw_chunks(slots, seed, batch, part, self._draw, empty)
+        return images, slots // self.cells
 
     def _draw(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         z = torch.randn(len(labels), self.net.cfg.latent_dim, generator=gen)
@@ -272,6 +346,8 @@ class Sampler:
         save_file(self.net.state_dict(), str(folder / "generator.safetensors"))
         meta = {"method": self.method, "generator": self.net.cfg.to_dict(),
                 "classes": list(self.classes), "class_weights": self.class_weights}
+        if self.cells > 1:
+            meta["slot_weights"] = self.weights
         (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -280,4 +356,4 @@ class Sampler:
         meta = json.loads((folder / "config.json").read_text())
         net = ConvGenerator(ConvGenConfig(**meta["generator"]))
         net.load_state_dict(load_file(str(folder / "generator.safetensors")))
-        return cls(net.eval(), tuple(meta["classes"]), meta["class_weights"])
+        return cls(net.eval(), tuple(meta["classes"]), meta.get("slot_weights", meta["class_weights"]))
