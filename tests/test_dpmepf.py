@@ -245,10 +245,22 @@ def test_a_rows_cell_depends_on_that_row_alone(encoder) -> None:
     feats = torch.rand(20, 7, dtype=torch.float64)
     labels = torch.tensor([0, 1] * 10)
     centre = torch.rand(2, 7, dtype=torch.float64)
-    together = gen.cell_of(feats, labels, centre)
-    alone = torch.cat([gen.cell_of(feats[i:i + 1], labels[i:i + 1], centre) for i in range(20)])
+    together = gen.cell_of(feats, labels, centre, 3)
+    alone = torch.cat([gen.cell_of(feats[i:i + 1], labels[i:i + 1], centre, 3) for i in range(20)])
     assert torch.equal(together, alone) and int(together.max()) < 8
     assert len(set(together.tolist())) > 2  # the projections really cut the cloud
+    # fewer bits: the same first projections, so each coarse cell is a union of fine ones
+    assert torch.equal(gen.cell_of(feats, labels, centre, 2), together % 4)
+
+
+def test_split_noise_uses_fewer_bits_when_cells_would_be_noisy() -> None:
+    cfg = dpmepf.Config(split_bits=4, split_noise=0.1)
+    counts = torch.tensor([5000.0, 6000.0])
+    assert cfg.bits_for(counts, noise_norm=30.0) == 4  # 30 * 16 / 5000 = 0.096
+    assert cfg.bits_for(counts, noise_norm=300.0) == 0  # 300 * 2 / 5000 = 0.12
+    assert cfg.bits_for(counts, noise_norm=100.0) == 2  # 0.08 at 4 cells, 0.16 at 8
+    assert cfg.bits_for(torch.tensor([-5.0, 10.0]), noise_norm=1.0) == 0  # clamped at one image
+    assert dpmepf.Config(split_bits=4).bits_for(counts, noise_norm=1e6) == 4  # no rule: all bits
 
 
 def test_split_plan_charges_the_centre_and_still_hits_the_target() -> None:

@@ -61,6 +61,7 @@ class Config:
     split_bits: int = 0  # > 0: release per cell, 2**split_bits cells per class (module docstring)
     share_centre: float = 0.05  # ... share of the noise budget for the per-class centres
     split_seed: int = 0  # public seed of the random projection directions that cut the cells
+    split_noise: float = 0.0  # > 0: use fewer bits when cell means would be noisier than this
 
     def __post_init__(self) -> None:
         shares = (self.share_phi1, self.share_phi2, self.share_counts, self.share_centre)
@@ -72,11 +73,25 @@ class Config:
             raise UsageError(f"dpmepf.split_bits must be in 0..6, got {self.split_bits}")
         if self.split_bits and self.share_centre <= 0:
             raise UsageError("dpmepf.share_centre must be > 0 when split_bits > 0")
+        if self.split_noise < 0:
+            raise UsageError(f"dpmepf.split_noise must be >= 0, got {self.split_noise}")
 
-    @property
-    def cells(self) -> int:
-        """Cells per class (1: the paper's per-class releases)."""
-        return 2 ** self.split_bits
+    def bits_for(self, counts: torch.Tensor, noise_norm: float) -> int:
+        """How many of the `split_bits` to use, from released values only (post-processing).
+
+        `counts`: the noisy class counts of the centre release; `noise_norm`: the expected L2
+        norm of the phi1 noise on one slot (sigma * sqrt(dim)). With `split_noise` = 0, all of
+        them; otherwise the most bits b for which that noise over the smallest class's count
+        divided by 2^b (the average cell there) stays <= `split_noise` (a feature row has norm
+        <= 1, so this bounds the noise on a cell mean relative to the largest possible mean).
+        """
+        if not self.split_noise:
+            return self.split_bits
+        smallest = float(counts.min().clamp(min=1.0))
+        bits = 0
+        while bits < self.split_bits and noise_norm * 2 ** (bits + 1) / smallest <= self.split_noise:
+            bits += 1
+        return bits
 
     def plan(self, scale: float) -> list[Charge]:
         """The releases for overall noise scale `scale` (sigma of the composed mechanism)."""
@@ -102,8 +117,11 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
              "Files that cannot be decoded are skipped; each file is handled independently, so "
              "this does not change the sensitivity."]
     if config.split_bits:
+        chosen = ("" if not config.split_noise else
+                  f" (fewer when the noisy class counts of dpmepf.centre say cell means would be "
+                  f"noisier than {config.split_noise:g}: post-processing of that release)")
         notes.append(
-            f"Each class is cut into {config.cells} cells by the signs of {config.split_bits} "
+            f"Each class is cut into up to {2 ** config.split_bits} cells{chosen} by the signs of "
             f"random projections (public seed {config.split_seed}) of (feature row - the class "
             "centre released by dpmepf.centre); phi1, phi2 and counts are released per cell. "
             "Given the released centres an image's cell depends on that image alone, so it still "
@@ -174,25 +192,30 @@ class Generator:
         """Read the private images, accumulate clipped statistics, and release them with noise."""
         images = load(private, resolution=self.resolution, channels=self.channels)
         self.rejects = list(images.rejects)
-        k, dim, noise, cells = len(private.classes), self.encoder.dim, NoiseSource(), self.config.cells
+        k, dim, noise = len(private.classes), self.encoder.dim, NoiseSource()
         by_name = {c.name: c for c in charges}
         # User-level privacy: a unit's rows are weighted 1/(its listed files) inside the mechanism.
         sizes = (torch.bincount(torch.tensor(private.units)).tolist() if private.units else None)
-        width = {"dpmepf.counts": 1, "dpmepf.centre": dim + 1}
-        mech = {name: GaussianSum(budget, c, k if name == "dpmepf.centre" else k * cells,
-                                  width.get(name, dim), noise, unit_sizes=sizes)
-                for name, c in by_name.items()}
-        centre = None
-        if cells > 1:  # stage 1: where each class is cut
+        centre, bits = None, 0
+        if "dpmepf.centre" in by_name:  # stage 1: where each class is cut
+            first = GaussianSum(budget, by_name.pop("dpmepf.centre"), k, dim + 1, noise,
+                                unit_sizes=sizes)
             for x, y, u in self._batches(images, progress, "encoding private images (centres)"):
                 feats = self.encoder(x).double().cpu()
                 ones = torch.ones(len(y), 1, dtype=torch.float64)
-                mech["dpmepf.centre"].add(torch.cat([feats, ones], 1) / math.sqrt(2), y, u)
-            sums = mech["dpmepf.centre"].release()
-            centre = sums[:, :dim] / sums[:, dim:].clamp(min=1 / math.sqrt(2))
+                first.add(torch.cat([feats, ones], 1) / math.sqrt(2), y, u)
+            sums = first.release()
+            centre = sums[:, :dim] / sums[:, dim:].clamp(min=1 / math.sqrt(2))  # both were / sqrt 2
+            counts = sums[:, dim] * math.sqrt(2)
+            phi1 = by_name["dpmepf.phi1"]
+            bits = self.config.bits_for(counts, phi1.noise_multiplier * phi1.sensitivity * math.sqrt(dim))
+        cells = 2 ** bits
+        width = {"dpmepf.counts": 1}
+        mech = {name: GaussianSum(budget, c, k * cells, width.get(name, dim), noise, unit_sizes=sizes)
+                for name, c in by_name.items()}
         for x, y, u in self._batches(images, progress, "encoding private images"):
             feats = self.encoder(x).double().cpu()
-            slots = y * cells + (self.cell_of(feats, y, centre) if centre is not None else 0)
+            slots = y * cells + (self.cell_of(feats, y, centre, bits) if bits else 0)
             mech["dpmepf.phi1"].add(feats, slots, u)
             if "dpmepf.phi2" in mech:
                 mech["dpmepf.phi2"].add(feats ** 2, slots, u)
@@ -213,14 +236,16 @@ class Generator:
             if progress:
                 progress(what, min(start + step, len(images)), len(images))
 
-    def cell_of(self, feats: torch.Tensor, labels: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-        """Each row's cell within its class: the signs of `split_bits` fixed random projections
-        of (row - its class centre), read as a binary number. Depends on the row alone."""
+    def cell_of(self, feats: torch.Tensor, labels: torch.Tensor, centre: torch.Tensor,
+                bits: int) -> torch.Tensor:
+        """Each row's cell within its class: the signs of the first `bits` of `split_bits` fixed
+        random projections of (row - its class centre), read as a binary number. Depends on
+        the row alone."""
         gen = torch.Generator().manual_seed(self.config.split_seed)
         directions = torch.randn(feats.shape[1], self.config.split_bits, generator=gen,
-                                 dtype=torch.float64)
+                                 dtype=torch.float64)[:, :bits]
         signs = ((feats.double() - centre.double()[labels]) @ directions > 0).long()
-        return (signs * (2 ** torch.arange(self.config.split_bits))).sum(1)
+        return (signs * (2 ** torch.arange(bits))).sum(1)
 
     def train(self, rel: Releases, classes: tuple[str, ...], *, seed: int = 0,
               progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
