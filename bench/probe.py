@@ -41,7 +41,7 @@ from privsynth.run import encoder_for
 
 DELTA = 1.67e-6  # 1 / (N ln N), N = 55,000
 RELEASE_KEYS = ("share_phi1", "share_phi2", "share_counts", "phi2_bound", "split_bits",
-                "share_centre", "split_seed")
+                "share_centre", "split_seed", "split_noise")
 
 
 def parse(argv: list[str]) -> tuple[str, recipes.Recipe, list[str]]:
