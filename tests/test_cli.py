@@ -62,6 +62,23 @@ def test_fit_writes_a_complete_run(fitted: Path) -> None:
     assert not list(fitted.glob(".run.partial-*"))
 
 
+def test_a_split_fit_certifies_the_centre_and_samples_by_class(fitted: Path, tmp_path: Path) -> None:
+    run, out = tmp_path / "split", tmp_path / "data"
+    result = _fit(fitted / "private", run, "--set", "dpmepf.split_bits=1")
+    assert result.exit_code == 0, result.output
+    cert = json.loads((run / "certificate.json").read_text())
+    assert [m["name"] for m in cert["mechanisms"]] == ["dpmepf.centre", "dpmepf.phi1",
+                                                      "dpmepf.phi2", "dpmepf.counts"]
+    assert 5 * (1 - 2e-3) <= cert["epsilon"]["spent"] <= 5.0
+    assert any("cells" in note for note in json.dumps(cert).split("\""))
+    assert runner.invoke(app, ["verify", str(run)]).exit_code == 0
+    sampled = runner.invoke(app, ["sample", str(run), "-n", "12", "--out", str(out)])
+    assert sampled.exit_code == 0, sampled.output
+    classes = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert classes == sorted(p.name for p in (fitted / "private").iterdir() if p.is_dir())
+    assert sum(len(list((out / c).glob("*.png"))) for c in classes) == 12
+
+
 def test_fit_refuses_to_overwrite(fitted: Path) -> None:
     result = _fit(fitted / "private", fitted / "run")
     assert result.exit_code == 2
