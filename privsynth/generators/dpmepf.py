@@ -52,7 +52,8 @@ class Config:
     latent_dim: int = 64  # generator latent size
     width: int = 64  # generator channels at full resolution
     steps: int = 2000  # generator updates
-    batch_per_class: int = 10  # generated images per class per update
+    batch_per_class: int = 10  # generated images per class per update (split evenly over its
+    # cells, at least one per cell)
     lr: float = 1e-3  # Adam learning rate (cosine-decayed to 0)
     moving_average: float = 0.2  # weight of the current batch in the running generated mean
     balance_phi2: bool = False  # scale the phi2 loss up to the phi1 loss (hurt on MNIST: 13% vs 31%)
@@ -261,7 +262,8 @@ class Generator:
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
         target1, target2 = rel.phi1.to(self.device), rel.phi2
-        labels = torch.arange(k, device=self.device).repeat_interleave(cfg.batch_per_class)
+        per_slot = max(1, cfg.batch_per_class // rel.cells)
+        labels = torch.arange(k, device=self.device).repeat_interleave(per_slot)
         avg1 = avg2 = None
         w2 = 1.0
         if target2 is not None and cfg.balance_phi2:  # from the releases only: post-processing
