@@ -50,15 +50,21 @@ ADVERSARIAL = {"black": np.zeros((28, 28)), "white": np.full((28, 28), 255),
                "checker": (np.indices((28, 28)).sum(0) % 2) * 255}
 
 
-@pytest.mark.parametrize("kind", sorted(ADVERSARIAL) + ["duplicate"])
-def test_each_release_moves_at_most_its_sensitivity(kind, tmp_path, encoder, monkeypatch) -> None:
-    base = make_folder(tmp_path / "d", per_class=4)
-    plus = make_folder(tmp_path / "d_plus", per_class=4)
-    target = plus / "square" / "extra.png"
+def _neighbours(tmp_path: Path, kind: str, *, per_class: int, into: str) -> tuple[Path, Path]:
+    """Two folders that differ by one image in class `into`: an ADVERSARIAL one or a duplicate."""
+    base = make_folder(tmp_path / "d", per_class=per_class)
+    plus = make_folder(tmp_path / "d_plus", per_class=per_class)
+    target = plus / into / "extra.png"
     if kind == "duplicate":
-        target.write_bytes((plus / "square" / "000.png").read_bytes())
+        target.write_bytes((plus / into / "000.png").read_bytes())
     else:
         Image.fromarray(ADVERSARIAL[kind].astype(np.uint8), "L").save(target)
+    return base, plus
+
+
+@pytest.mark.parametrize("kind", sorted(ADVERSARIAL) + ["duplicate"])
+def test_each_release_moves_at_most_its_sensitivity(kind, tmp_path, encoder, monkeypatch) -> None:
+    base, plus = _neighbours(tmp_path, kind, per_class=4, into="square")
     a, sens = _sums(base, encoder, monkeypatch)
     b, _ = _sums(plus, encoder, monkeypatch)
     assert sens == {"dpmepf.phi1": 1.0, "dpmepf.phi2": 0.1, "dpmepf.counts": 1.0}
@@ -218,13 +224,7 @@ def _captured(folder: Path, encoder, monkeypatch, cfg: dpmepf.Config, centre=Non
 @pytest.mark.parametrize("kind", ["white", "noise", "duplicate"])
 def test_split_releases_move_at_most_their_sensitivity(kind, tmp_path, encoder, monkeypatch) -> None:
     cfg = dpmepf.Config(steps=1, split_bits=2)
-    base = make_folder(tmp_path / "d", per_class=6)
-    plus = make_folder(tmp_path / "d_plus", per_class=6)
-    target = plus / "circle" / "extra.png"
-    if kind == "duplicate":
-        target.write_bytes((plus / "circle" / "000.png").read_bytes())
-    else:
-        Image.fromarray(ADVERSARIAL[kind].astype(np.uint8), "L").save(target)
+    base, plus = _neighbours(tmp_path, kind, per_class=6, into="circle")
     a = _captured(base, encoder, monkeypatch, cfg)
     assert a["cells"] == 4 and a["dpmepf.phi1"].shape[0] == 8
     assert float((a["dpmepf.counts"].view(2, 4).sum(1) - 6).abs().max()) == 0  # every image counted
