@@ -141,7 +141,6 @@ class Releases:
     phi2: torch.Tensor | None  # (K * cells, D) noisy mean squared features
     counts: torch.Tensor  # (K * cells,) noisy counts, clamped to >= 1
     cells: int = 1  # slots per class (Config.split_bits)
-    centre: torch.Tensor | None = None  # (K, D) noisy class centres that placed the cells
 
 
 class Generator:
@@ -208,11 +207,11 @@ class Generator:
             sums = first.release()
             centre = sums[:, :dim] / sums[:, dim:].clamp(min=1 / math.sqrt(2))  # both were / sqrt 2
             counts = sums[:, dim] * math.sqrt(2)
-            phi1 = by_name["dpmepf.phi1"]
-            bits = self.config.bits_for(counts, phi1.noise_multiplier * phi1.sensitivity * math.sqrt(dim))
+            means = by_name["dpmepf.phi1"]
+            bits = self.config.bits_for(counts, means.noise_multiplier * means.sensitivity * math.sqrt(dim))
         cells = 2 ** bits
-        width = {"dpmepf.counts": 1}
-        mech = {name: GaussianSum(budget, c, k * cells, width.get(name, dim), noise, unit_sizes=sizes)
+        mech = {name: GaussianSum(budget, c, k * cells, 1 if name.endswith("counts") else dim, noise,
+                                  unit_sizes=sizes)
                 for name, c in by_name.items()}
         for x, y, u in self._batches(images, progress, "encoding private images"):
             feats = self.encoder(x).double().cpu()
@@ -225,8 +224,7 @@ class Generator:
         phi1 = mech["dpmepf.phi1"].release() / counts[:, None]
         phi2 = mech["dpmepf.phi2"].release() / counts[:, None] if "dpmepf.phi2" in mech else None
         del images
-        return Releases(phi1.float(), None if phi2 is None else phi2.float(), counts.float(),
-                        cells, None if centre is None else centre.float())
+        return Releases(phi1.float(), None if phi2 is None else phi2.float(), counts.float(), cells)
 
     def _batches(self, images, progress: Progress | None, what: str):
         step = self.config.feature_batch
@@ -339,13 +337,10 @@ class Sampler:
         """n images (uint8, N x C x H x W) and labels; classes drawn from the noisy counts.
         `part=(i, k)`: only the i-th of k shares, in chunks of `batch` (generators.draw_chunks)."""
         gen = torch.Generator().manual_seed(seed)
-        if self.cells == 1:
-            slots = draw_labels(n, self.weights, balanced=balanced, generator=gen)
-        else:  # balanced: equal classes, cells in their noisy proportions within a class
-            w = torch.tensor(self.weights, dtype=torch.float64).view(len(self.classes), self.cells)
-            if balanced:
-                w = w / w.sum(1, keepdim=True) / len(self.classes)
-            slots = draw_labels(n, w.flatten().tolist(), balanced=False, generator=gen)
+        w = torch.tensor(self.weights, dtype=torch.float64).view(len(self.classes), self.cells)
+        if balanced:  # equal classes, cells in their noisy proportions within a class
+            w = w / w.sum(1, keepdim=True) / len(self.classes)
+        slots = draw_labels(n, w.flatten().tolist(), balanced=False, generator=gen)
         cfg = self.net.cfg
         empty = torch.zeros(0, cfg.channels, cfg.resolution, cfg.resolution, dtype=torch.uint8)
         images, slots = draw_chunks(slots, seed, batch, part, self._draw, empty)
