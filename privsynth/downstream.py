@@ -57,11 +57,12 @@ def _scaled(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
-    """Top-1 accuracy of `model` on uint8 images."""
+    """Top-1 accuracy of `model` on uint8 images (batches go to the model's device)."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(images), batch):
-        pred = model(_scaled(images[start:start + batch])).argmax(1)
+        pred = model(_scaled(images[start:start + batch].to(device))).argmax(1).cpu()
         correct += int((pred == labels[start:start + batch]).sum())
     return correct / max(len(images), 1)
 
@@ -69,11 +70,12 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
                      val_y: torch.Tensor, *, classes: int,
                      config: ClassifierConfig = ClassifierConfig(),
-                     progress: Callable[[str, int, int], None] | None = None
-                     ) -> tuple[nn.Module, list[float]]:
-    """Train on (train_x, train_y); return the model of the best validation epoch and the curve."""
+                     progress: Callable[[str, int, int], None] | None = None,
+                     device: str = "cpu") -> tuple[nn.Module, list[float]]:
+    """Train on (train_x, train_y); return the model of the best validation epoch and the curve.
+    The model trains on `device`; the images stay where they are and move one batch at a time."""
     torch.manual_seed(config.seed)
-    model = SmallCNN(train_x.shape[1], classes, config.width)
+    model = SmallCNN(train_x.shape[1], classes, config.width).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps = config.epochs * ((len(train_x) + config.batch_size - 1) // config.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -83,7 +85,7 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.
         order = torch.randperm(len(train_x))
         for start in range(0, len(order), config.batch_size):
             idx = order[start:start + config.batch_size]
-            loss = F.cross_entropy(model(_scaled(train_x[idx])), train_y[idx])
+            loss = F.cross_entropy(model(_scaled(train_x[idx].to(device))), train_y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

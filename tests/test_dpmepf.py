@@ -291,3 +291,38 @@ def test_a_split_sampler_labels_images_by_class(tmp_path, encoder) -> None:
     assert torch.bincount(y1, minlength=2).tolist() == [20, 20]
     assert math.isclose(sum(again.class_weights), 1.0, rel_tol=1e-6)
     assert len(again.class_weights) == 2
+
+
+def test_the_variance_term_is_the_expected_excess_of_the_batch_mean_loss() -> None:
+    # |m - t|^2 over batches of B rows averages |mu - t|^2 + tr(Cov) / B; the term estimates the
+    # excess without bias, so the corrected loss averages |mu - t|^2 (what `unbiased` trains on).
+    gen = torch.Generator().manual_seed(0)
+    slots, per_slot, dim, trials = 3, 2, 5, 20000
+    mu = torch.tensor([[0.0] * dim, [1.0] * dim, [-2.0] * dim], dtype=torch.float64)
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    target = torch.zeros(slots, dim, dtype=torch.float64)
+    labels = torch.arange(slots).repeat_interleave(per_slot)
+    plain, corrected = 0.0, 0.0
+    for _ in range(trials):
+        x = mu[labels] + scale[labels, None] * torch.randn(len(labels), dim, generator=gen,
+                                                           dtype=torch.float64)
+        m = dpmepf._class_means(x, labels, slots)
+        loss = float((m - target).pow(2).sum())
+        plain += loss / trials
+        corrected += (loss - float(dpmepf._variance_term(x, m, labels, per_slot))) / trials
+    exact = float((mu - target).pow(2).sum())
+    excess = float((scale ** 2).sum() * dim / per_slot)  # 13.125
+    assert plain == pytest.approx(exact + excess, rel=0.02)
+    assert corrected == pytest.approx(exact, abs=0.02 * excess)
+
+
+def test_unbiased_training_needs_two_images_per_cell(tmp_path, encoder) -> None:
+    with pytest.raises(Exception, match="unbiased"):
+        dpmepf.Config(unbiased=True, split_bits=3, batch_per_class=8)
+    listing = scan(make_folder(tmp_path / "d", per_class=4))
+    cfg = dpmepf.Config(steps=3, batch_per_class=4, width=8, latent_dim=8, split_bits=1,
+                        unbiased=True)
+    sampler = dpmepf.Generator(cfg, encoder, resolution=16, channels=1).fit(
+        listing, Budget(epsilon=5.0, delta=1e-5))
+    x, _ = sampler.sample(8, seed=0)
+    assert x.shape == (8, 1, 16, 16)

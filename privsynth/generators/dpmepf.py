@@ -63,6 +63,8 @@ class Config:
     share_centre: float = 0.05  # ... share of the noise budget for the per-class centres
     split_seed: int = 0  # public seed of the random projection directions that cut the cells
     split_noise: float = 0.0  # > 0: use fewer bits when cell means would be noisier than this
+    unbiased: bool = False  # subtract the batch-mean variance from the matching losses (needs
+    # >= 2 generated images per slot): the plain loss rewards low diversity (_variance_term)
 
     def __post_init__(self) -> None:
         shares = (self.share_phi1, self.share_phi2, self.share_counts, self.share_centre)
@@ -76,6 +78,10 @@ class Config:
             raise UsageError("dpmepf.share_centre must be > 0 when split_bits > 0")
         if self.split_noise < 0:
             raise UsageError(f"dpmepf.split_noise must be >= 0, got {self.split_noise}")
+        if self.unbiased and self.batch_per_class < 2 * 2 ** self.split_bits:
+            raise UsageError(f"dpmepf.unbiased needs >= 2 generated images per cell: "
+                             f"batch_per_class >= {2 * 2 ** self.split_bits} at split_bits "
+                             f"{self.split_bits}, got {self.batch_per_class}")
 
     def bits_for(self, counts: torch.Tensor, noise_norm: float) -> int:
         """How many of the `split_bits` to use, from released values only (post-processing).
@@ -276,6 +282,7 @@ class Generator:
             torch.set_rng_state(saved["rng"])
             if saved.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(saved["cuda_rng"], device=self.device)
+        unbiased = cfg.unbiased and per_slot > 1
         for step in range(first, cfg.steps):
             if state and step > first and state.due():
                 state.save("generator", {
@@ -287,8 +294,11 @@ class Generator:
             z = torch.randn(len(labels), cfg.latent_dim, device=self.device)
             feats = self.encoder(net(z, labels))
             m1 = _class_means(feats, labels, k)
+            weight = 1.0 if avg1 is None else cfg.moving_average  # of this batch in the average
             avg1 = m1 if avg1 is None else (1 - cfg.moving_average) * avg1.detach() + cfg.moving_average * m1
             loss = (avg1 - target1).pow(2).sum()
+            if unbiased:
+                loss = loss - weight ** 2 * _variance_term(feats, m1, labels, per_slot)
             if cfg.class_loss > 0:  # each image, not just the class mean, should look like its class
                 logits = -torch.cdist(feats, target1).pow(2) / cfg.class_temperature
                 loss = loss + cfg.class_loss * F.cross_entropy(logits, labels)
@@ -296,6 +306,8 @@ class Generator:
                 m2 = _class_means(feats ** 2, labels, k)
                 avg2 = m2 if avg2 is None else (1 - cfg.moving_average) * avg2.detach() + cfg.moving_average * m2
                 loss = loss + w2 * (avg2 - target2.to(self.device)).pow(2).sum()
+                if unbiased:
+                    loss = loss - w2 * weight ** 2 * _variance_term(feats ** 2, m2, labels, per_slot)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -304,6 +316,15 @@ class Generator:
                 progress(f"training generator (loss {loss.item():.3g})", step + 1, cfg.steps)
         weights = (rel.counts / rel.counts.sum()).tolist()
         return Sampler(net.cpu().eval(), classes, weights)
+
+
+def _variance_term(x: torch.Tensor, means: torch.Tensor, labels: torch.Tensor,
+                   per_slot: int) -> torch.Tensor:
+    """Unbiased estimate of sum over slots of tr(Cov) / per_slot: the expected excess of
+    |batch mean - target|^2 over |true mean - target|^2. Subtracting it makes the loss an unbiased
+    estimate of the distance of the generator's *expected* features from the target, so the
+    gradient no longer pays the generator to shrink its spread (every slot has `per_slot` rows)."""
+    return (x - means[labels]).pow(2).sum() / (per_slot * (per_slot - 1))
 
 
 def _class_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
