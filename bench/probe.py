@@ -37,9 +37,9 @@ from privsynth.data import scan
 from privsynth.downstream import ClassifierConfig, SmallCNN, accuracy, train_classifier
 from privsynth.generators import dpmepf
 from privsynth.privacy import Budget
-from privsynth.run import encoder_for
+from privsynth.run import default_delta, encoder_for
 
-DELTA = 1.67e-6  # 1 / (N ln N), N = 55,000
+DELTA = default_delta(55000)  # 1 / (N ln N) = 1.666e-6
 RELEASE_KEYS = ("share_phi1", "share_phi2", "share_counts", "phi2_bound", "split_bits",
                 "share_centre", "split_seed", "split_noise")
 

@@ -316,13 +316,25 @@ def test_the_variance_term_is_the_expected_excess_of_the_batch_mean_loss() -> No
     assert corrected == pytest.approx(exact, abs=0.02 * excess)
 
 
-def test_unbiased_training_needs_two_images_per_cell(tmp_path, encoder) -> None:
+def test_unbiased_training_corrects_both_losses_at_every_step(tmp_path, encoder,
+                                                             monkeypatch) -> None:
     with pytest.raises(Exception, match="unbiased"):
         dpmepf.Config(unbiased=True, split_bits=3, batch_per_class=8)
+    calls = []
+    real = dpmepf._variance_term
+
+    def spy(x, means, labels, per_slot):
+        calls.append((x.shape[1], per_slot, float(real(x, means, labels, per_slot))))
+        return real(x, means, labels, per_slot)
+
+    monkeypatch.setattr(dpmepf, "_variance_term", spy)
     listing = scan(make_folder(tmp_path / "d", per_class=4))
-    cfg = dpmepf.Config(steps=3, batch_per_class=4, width=8, latent_dim=8, split_bits=1,
-                        unbiased=True)
-    sampler = dpmepf.Generator(cfg, encoder, resolution=16, channels=1).fit(
-        listing, Budget(epsilon=5.0, delta=1e-5))
-    x, _ = sampler.sample(8, seed=0)
-    assert x.shape == (8, 1, 16, 16)
+    for unbiased in (False, True):
+        cfg = dpmepf.Config(steps=3, batch_per_class=4, width=8, latent_dim=8, split_bits=1,
+                            unbiased=unbiased)
+        sampler = dpmepf.Generator(cfg, encoder, resolution=16, channels=1).fit(
+            listing, Budget(epsilon=5.0, delta=1e-5))
+        assert sampler.sample(8, seed=0)[0].shape == (8, 1, 16, 16)
+        assert len(calls) == (6 if unbiased else 0)  # phi1 and phi2, 3 steps
+    assert {c[1] for c in calls} == {2}  # 2 cells per class, 4 images per class
+    assert all(v > 0 for *_, v in calls)
