@@ -338,3 +338,16 @@ def test_unbiased_training_corrects_both_losses_at_every_step(tmp_path, encoder,
         assert len(calls) == (6 if unbiased else 0)  # phi1 and phi2, 3 steps
     assert {c[1] for c in calls} == {2}  # 2 cells per class, 4 images per class
     assert all(v > 0 for *_, v in calls)
+
+
+def test_folding_batchnorm_keeps_the_pretrained_network_s_function() -> None:
+    from privsynth.features import EfficientNetLite0, lite0_imagenet
+
+    folded = EfficientNetLite0(input_size=32).net
+    plain = lite0_imagenet()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        a, b = folded(x), plain(x)
+    assert torch.allclose(a, b, atol=1e-3 * float(b.abs().max()))
+    assert torch.equal(a.argmax(1), b.argmax(1))
