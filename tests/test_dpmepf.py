@@ -351,3 +351,24 @@ def test_folding_batchnorm_keeps_the_pretrained_network_s_function() -> None:
         a, b = folded(x), plain(x)
     assert torch.allclose(a, b, atol=1e-3 * float(b.abs().max()))
     assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+@pytest.mark.parametrize("out", [1, 3])
+def test_the_tap_convolution_is_the_3x3_convolution_it_replaces(out: int) -> None:
+    from privsynth.generators.convgen import TapConv2d
+
+    torch.manual_seed(0)
+    layer = TapConv2d(8, out)
+    x = torch.randn(4, 8, 7, 9, requires_grad=True)
+    y = layer(x)
+    xr = x.detach().clone().requires_grad_()
+    w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    yr = torch.nn.functional.conv2d(xr, w, b, padding=1)
+    assert y.shape == yr.shape == (4, out, 7, 9)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, w.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, b.grad, atol=1e-5, rtol=1e-5)
