@@ -2,6 +2,7 @@
 (add/remove one image), the charges are calibrated to the target, and a sampler round-trips."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -126,10 +127,11 @@ class _Killed(Exception):
     pass
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, encoder) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, encoder, ema) -> None:
     from privsynth.checkpoint import WorkState
 
-    cfg = dpmepf.Config(steps=12, batch_per_class=2, width=8, latent_dim=8)
+    cfg = dpmepf.Config(steps=12, batch_per_class=2, width=8, latent_dim=8, ema=ema)
     gen = dpmepf.Generator(cfg, encoder, resolution=28, channels=1)
     gen_rng = torch.Generator().manual_seed(0)
     rel = dpmepf.Releases(torch.rand(2, encoder.dim, generator=gen_rng) * 0.05,
@@ -372,3 +374,36 @@ def test_the_tap_convolution_is_the_3x3_convolution_it_replaces(out: int) -> Non
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.weight.grad, w.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.bias.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_the_weight_average_follows_the_generator_at_its_decay(encoder, monkeypatch) -> None:
+    from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
+
+    torch.manual_seed(0)
+    net = ConvGenerator(ConvGenConfig(2, 1, 28, 8, 8))
+    average = ConvGenerator(ConvGenConfig(2, 1, 28, 8, 8))
+    before = [p.detach().clone() for p in average.parameters()]
+    dpmepf._ema_update(average, net, 0.75)
+    for a, b, p in zip(average.parameters(), before, net.parameters()):
+        torch.testing.assert_close(a, 0.75 * b + 0.25 * p)
+    with pytest.raises(dpmepf.UsageError):
+        dpmepf.Config(ema=1.0)
+    # trained with an average, the sampler holds the average (updated after every step at the
+    # warmed-up decay), not the last weights
+    rel = dpmepf.Releases(torch.rand(2, encoder.dim) * 0.05, None, torch.tensor([5., 7.]))
+    cfg = dpmepf.Config(steps=5, batch_per_class=2, width=8, latent_dim=8)
+    plain = dpmepf.Generator(cfg, encoder, resolution=28, channels=1).train(rel, ("a", "b"), seed=1)
+    calls = []
+    real = dpmepf._ema_update
+
+    def spy(average, net, decay):
+        calls.append((average, decay))
+        real(average, net, decay)
+
+    monkeypatch.setattr(dpmepf, "_ema_update", spy)
+    averaged = dpmepf.Generator(dataclasses.replace(cfg, ema=0.99), encoder, resolution=28,
+                                channels=1).train(rel, ("a", "b"), seed=1)
+    assert [d for _, d in calls] == [min(0.99, (1 + t) / (10 + t)) for t in range(5)]
+    assert all(a is averaged.net for a, _ in calls)
+    differs = [not torch.equal(v, averaged.net.state_dict()[k]) for k, v in plain.net.state_dict().items()]
+    assert any(differs)

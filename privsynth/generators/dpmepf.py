@@ -16,6 +16,7 @@ the one accountant; given the released centres, the cut is a fixed function of e
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class Config:
     split_noise: float = 0.0  # > 0: use fewer bits when cell means would be noisier than this
     unbiased: bool = False  # subtract the batch-mean variance from the matching losses (needs
     # >= 2 generated images per slot): the plain loss rewards low diversity (_variance_term)
+    ema: float = 0.0  # > 0: sample from an exponential moving average of the generator's
+    # weights with this decay (warmed up as min(ema, (1 + t) / (10 + t)))
 
     def __post_init__(self) -> None:
         shares = (self.share_phi1, self.share_phi2, self.share_counts, self.share_centre)
@@ -72,6 +75,8 @@ class Config:
             raise UsageError("dpmepf shares must be >= 0, with share_phi1 and share_counts > 0")
         if not 0 < self.moving_average <= 1:
             raise UsageError("dpmepf.moving_average must be in (0, 1]")
+        if not 0 <= self.ema < 1:
+            raise UsageError(f"dpmepf.ema must be in [0, 1), got {self.ema}")
         if not 0 <= self.split_bits <= 6:
             raise UsageError(f"dpmepf.split_bits must be in 0..6, got {self.split_bits}")
         if self.split_bits and self.share_centre <= 0:
@@ -265,6 +270,7 @@ class Generator:
         net = ConvGenerator(gcfg).to(self.device)
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
+        average = copy.deepcopy(net).requires_grad_(False) if cfg.ema > 0 else None
         target1, target2 = rel.phi1.to(self.device), rel.phi2
         per_slot = max(1, cfg.batch_per_class // rel.cells)
         labels = torch.arange(k, device=self.device).repeat_interleave(per_slot)
@@ -279,6 +285,8 @@ class Generator:
             opt.load_state_dict(saved["opt"])
             sched.load_state_dict(saved["sched"])
             avg1, avg2, first = saved["avg1"], saved["avg2"], int(saved["step"])
+            if average is not None:
+                average.load_state_dict(saved["ema"])
             torch.set_rng_state(saved["rng"])
             if saved.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(saved["cuda_rng"], device=self.device)
@@ -289,6 +297,7 @@ class Generator:
                     "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "avg1": avg1.detach(), "avg2": None if avg2 is None else avg2.detach(),
                     "step": step, "rng": torch.get_rng_state(),
+                    "ema": None if average is None else average.state_dict(),
                     "cuda_rng": (torch.cuda.get_rng_state(self.device)
                                  if str(self.device).startswith("cuda") else None)})
             z = torch.randn(len(labels), cfg.latent_dim, device=self.device)
@@ -312,10 +321,21 @@ class Generator:
             loss.backward()
             opt.step()
             sched.step()
+            if average is not None:
+                _ema_update(average, net, min(cfg.ema, (1 + step) / (10 + step)))
             if progress and (step % 10 == 0 or step == cfg.steps - 1):
                 progress(f"training generator (loss {loss.item():.3g})", step + 1, cfg.steps)
         weights = (rel.counts / rel.counts.sum()).tolist()
-        return Sampler(net.cpu().eval(), classes, weights)
+        return Sampler((net if average is None else average).cpu().eval(), classes, weights)
+
+
+@torch.no_grad()
+def _ema_update(average: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * net, parameter by parameter (buffers copied)."""
+    for a, p in zip(average.parameters(), net.parameters()):
+        a.lerp_(p, 1.0 - decay)
+    for a, b in zip(average.buffers(), net.buffers()):
+        a.copy_(b)
 
 
 def _variance_term(x: torch.Tensor, means: torch.Tensor, labels: torch.Tensor,
