@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import make_folder
 from privsynth.data import scan
 from privsynth.features import load_encoder
+from privsynth import generators
 from privsynth.generators import dpmepf
 from privsynth.privacy import Budget
 
@@ -383,7 +384,7 @@ def test_the_weight_average_follows_the_generator_at_its_decay(encoder, monkeypa
     net = ConvGenerator(ConvGenConfig(2, 1, 28, 8, 8))
     average = ConvGenerator(ConvGenConfig(2, 1, 28, 8, 8))
     before = [p.detach().clone() for p in average.parameters()]
-    dpmepf._ema_update(average, net, 0.75)
+    generators.ema_update(average, net, 0.75)
     for a, b, p in zip(average.parameters(), before, net.parameters()):
         torch.testing.assert_close(a, 0.75 * b + 0.25 * p)
     with pytest.raises(dpmepf.UsageError):
@@ -394,13 +395,13 @@ def test_the_weight_average_follows_the_generator_at_its_decay(encoder, monkeypa
     cfg = dpmepf.Config(steps=5, batch_per_class=2, width=8, latent_dim=8)
     plain = dpmepf.Generator(cfg, encoder, resolution=28, channels=1).train(rel, ("a", "b"), seed=1)
     calls = []
-    real = dpmepf._ema_update
+    real = generators.ema_update
 
     def spy(average, net, decay):
         calls.append((average, decay))
         real(average, net, decay)
 
-    monkeypatch.setattr(dpmepf, "_ema_update", spy)
+    monkeypatch.setattr(generators, "ema_update", spy)
     averaged = dpmepf.Generator(dataclasses.replace(cfg, ema=0.99), encoder, resolution=28,
                                 channels=1).train(rel, ("a", "b"), seed=1)
     assert [d for _, d in calls] == [min(0.99, (1 + t) / (10 + t)) for t in range(5)]

@@ -37,6 +37,18 @@ def draw_labels(n: int, class_weights: Sequence[float], *, balanced: bool, gener
     return labels[torch.randperm(n, generator=generator)]
 
 
+def ema_update(average, net, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * net, parameter by parameter (buffers copied):
+    the published weight average of privimage's DP-SGD and of dp-mepf's `ema`."""
+    import torch
+
+    with torch.no_grad():
+        for a, p in zip(average.parameters(), net.parameters()):
+            a.lerp_(p, 1.0 - decay)
+        for a, b in zip(average.buffers(), net.buffers()):
+            a.copy_(b)
+
+
 def draw_chunks(labels, seed: int, batch: int, part: tuple[int, int],
                 draw: Callable, empty):
     """(images, labels) of share `part` = (i, k) of a sample whose rows are `labels`.

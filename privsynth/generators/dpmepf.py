@@ -31,6 +31,7 @@ from privsynth.checkpoint import WorkState
 from privsynth.data import Listing, load
 from privsynth.errors import UsageError
 from privsynth.features import Encoder
+from privsynth import generators
 from privsynth.generators import draw_chunks, draw_labels
 from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
@@ -322,20 +323,12 @@ class Generator:
             opt.step()
             sched.step()
             if average is not None:
-                _ema_update(average, net, min(cfg.ema, (1 + step) / (10 + step)))
+                generators.ema_update(average, net, min(cfg.ema, (1 + step) / (10 + step)))
             if progress and (step % 10 == 0 or step == cfg.steps - 1):
                 progress(f"training generator (loss {loss.item():.3g})", step + 1, cfg.steps)
         weights = (rel.counts / rel.counts.sum()).tolist()
         return Sampler((net if average is None else average).cpu().eval(), classes, weights)
 
-
-@torch.no_grad()
-def _ema_update(average: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """average <- decay * average + (1 - decay) * net, parameter by parameter (buffers copied)."""
-    for a, p in zip(average.parameters(), net.parameters()):
-        a.lerp_(p, 1.0 - decay)
-    for a, b in zip(average.buffers(), net.buffers()):
-        a.copy_(b)
 
 
 def _variance_term(x: torch.Tensor, means: torch.Tensor, labels: torch.Tensor,

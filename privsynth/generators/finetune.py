@@ -43,7 +43,7 @@ from privsynth import distributed
 from privsynth.checkpoint import WorkState
 from privsynth.data import ImageSet
 from privsynth.errors import BudgetError
-from privsynth.generators import semantic, unet
+from privsynth.generators import ema_update, semantic, unet
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy.dpsgd import (DPSGD, PerSampleGradients, clipped_sum, hidden_generator,
                                     unit_passes)
@@ -112,9 +112,7 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
         for p, g in zip(grads.params, mech.noisy_gradient(sums)):
             p.grad = g
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - cfg.ema)
+        ema_update(ema, model, cfg.ema)
         if state and (state.due() or mech.steps_done == charge.steps):
             state.save(STATE, {"model": model.state_dict(), "ema": ema.state_dict(),
                                "opt": opt.state_dict(), "steps_done": mech.steps_done})
