@@ -66,12 +66,17 @@ class EfficientNetLite0(Encoder):
             raise UsageError(f"features.grid must be >= 1, got {grid}")
         self.name = "efficientnet-lite0" + (f"-grid{self.grid}" if self.grid > 1 else "")
         self.eval()
+        # Channels-last (NHWC): oneDNN's depthwise convolutions run far faster so on CPU (forward
+        # + backward of 160 images at 32 px: 580 -> 340 ms on 2 AVX2 cores); same function.
+        self.memory_format = torch.channels_last
+        self.net.to(memory_format=self.memory_format)
         with torch.no_grad():
             self.dim = int(self.forward(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
         self.freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self._prepare(x) * (255.0 / 128.0) - (127.0 / 128.0)  # the package's (x*255-127)/128
+        x = x.contiguous(memory_format=self.memory_format)
         net = self.net
         h = net._swish(net._bn0(net._conv_stem(x)))
         pooled = []

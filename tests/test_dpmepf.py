@@ -87,6 +87,26 @@ def test_encoder_rows_have_norm_at_most_one(pixels: float) -> None:
     assert bool((rgb.norm(dim=1) <= 1 + 1e-5).all())
 
 
+def test_lite0_encoder_is_the_packages_network() -> None:
+    """Folded BatchNorm and channels-last layout are speed-ups only: the rows and their input
+    gradients equal the package's own NCHW network with its BatchNorm layers."""
+    import copy
+
+    from privsynth.features import EfficientNetLite0, lite0_imagenet
+
+    enc = EfficientNetLite0(input_size=32, grid=2)
+    ref = copy.deepcopy(enc)  # same forward, the package's unfolded network, plain NCHW layout
+    ref.net, ref.memory_format = lite0_imagenet(), torch.contiguous_format
+    assert enc.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    w = torch.randn(6, enc.dim, generator=torch.Generator().manual_seed(1))
+    rows, want = enc(x), ref(x)
+    assert torch.allclose(rows, want, atol=1e-5, rtol=1e-4)
+    g, = torch.autograd.grad((rows * w).sum(), x)
+    g_ref, = torch.autograd.grad((want * w).sum(), x)
+    assert torch.allclose(g, g_ref, atol=1e-5, rtol=1e-3), float((g - g_ref).abs().max())
+
+
 def test_plan_hits_the_target_and_shares_noise() -> None:
     budget = Budget(epsilon=2.0, delta=1e-6)
     charges = budget.calibrate(dpmepf.Config().plan)
