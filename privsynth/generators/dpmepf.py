@@ -330,7 +330,6 @@ class Generator:
         return Sampler((net if average is None else average).cpu().eval(), classes, weights)
 
 
-
 def _variance_term(x: torch.Tensor, means: torch.Tensor, labels: torch.Tensor,
                    per_slot: int) -> torch.Tensor:
     """Unbiased estimate of sum over slots of tr(Cov) / per_slot: the expected excess of
