@@ -328,7 +328,10 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     cert = certificate.load(run)
     recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
                         if k != "public"})
-    sampler = method_module(recipe.method).Sampler.load(run / "model").to(
+    extra = {}
+    if "judge" in json.loads((run / "model" / "config.json").read_text()):  # dpmepf.judge
+        extra["encoder"] = encoder_for(recipe)  # the label filter reads the run's feature rows
+    sampler = method_module(recipe.method).Sampler.load(run / "model", **extra).to(
         distributed.device(_device(device or recipe.run.device, explicit=device is not None)))
     with torch.inference_mode():
         part = sampler.sample(n, seed=seed, balanced=balanced,
@@ -339,6 +342,10 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     card = {"method": recipe.method, "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
             "run": run.name, "seed": seed, "images": n}
+    if getattr(sampler, "judge", None) is not None:  # dpmepf.judge: post-processing, recorded
+        counted = f" ({sampler.rejected} draws rejected)" if distributed.world() == 1 else ""
+        card["label filter"] = (f"images the run's DP-SGD classifier (dpmepf.judge) assigns to "
+                                f"another class were redrawn, up to {sampler.rounds} times{counted}")
     return publish.write_dataset(Path(out), images, labels, sampler.classes,
                                  certificate=cert, card=card)
 

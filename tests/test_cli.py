@@ -79,6 +79,23 @@ def test_a_split_fit_certifies_the_centre_and_samples_by_class(fitted: Path, tmp
     assert sum(len(list((out / c).glob("*.png"))) for c in classes) == 12
 
 
+def test_a_judged_fit_certifies_the_filter_and_samples_through_it(fitted: Path,
+                                                                  tmp_path: Path) -> None:
+    run, out = tmp_path / "judged", tmp_path / "data"
+    result = _fit(fitted / "private", run, "--set", "dpmepf.judge=true", "--set",
+                  "dpmepf.judge_epochs=2", "--set", "dpmepf.judge_batch=4")
+    assert result.exit_code == 0, result.output
+    cert = json.loads((run / "certificate.json").read_text())
+    judge = next(m for m in cert["mechanisms"] if m["name"] == "dpmepf.judge")
+    assert judge["sample_rate"] < 1 and judge["steps"] > 1
+    assert 5 * (1 - 2e-3) <= cert["epsilon"]["spent"] <= 5.0
+    assert runner.invoke(app, ["verify", str(run)]).exit_code == 0
+    sampled = runner.invoke(app, ["sample", str(run), "-n", "12", "--out", str(out)])
+    assert sampled.exit_code == 0, sampled.output
+    assert "label filter" in (out / "README.md").read_text()
+    assert len(list(out.rglob("*.png"))) == 12
+
+
 def test_fit_refuses_to_overwrite(fitted: Path) -> None:
     result = _fit(fitted / "private", fitted / "run")
     assert result.exit_code == 2

@@ -428,3 +428,64 @@ def test_the_weight_average_follows_the_generator_at_its_decay(encoder, monkeypa
     assert all(a is averaged.net for a, _ in calls)
     differs = [not torch.equal(v, averaged.net.state_dict()[k]) for k, v in plain.net.state_dict().items()]
     assert any(differs)
+
+
+def test_the_judges_closed_form_gradients_are_a_per_example_loop() -> None:
+    from privsynth.generators import judge
+
+    torch.manual_seed(0)
+    net = judge.Judge(7, 3)
+    torch.nn.init.normal_(net.linear.weight)
+    feats = torch.nn.functional.normalize(torch.randn(5, 7), dim=1)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    rows = judge.per_example(net, feats, labels)
+    params = [net.linear.weight, net.linear.bias]
+    for i in range(len(feats)):
+        loss = torch.nn.functional.cross_entropy(net(feats[i:i + 1]), labels[i:i + 1])
+        for row, g in zip(rows, torch.autograd.grad(loss, params)):
+            torch.testing.assert_close(row[i], g)
+
+
+def test_a_judged_fit_charges_the_judge_and_publishes_it(tmp_path, encoder) -> None:
+    listing = scan(make_folder(tmp_path / "d", per_class=3))
+    cfg = dpmepf.Config(steps=2, batch_per_class=2, width=16, judge=True, judge_batch=2,
+                        judge_epochs=2.0, judge_rounds=3)
+    gen = dpmepf.Generator(cfg, encoder, resolution=16, channels=1)
+    budget = Budget(epsilon=5.0, delta=1e-5)
+    sampler = gen.fit(listing, budget)
+    by_name = {c.name: c for c in budget.charges}
+    j = by_name["dpmepf.judge"]
+    assert (j.sample_rate, j.steps, j.sensitivity) == (pytest.approx(2 / 6), 6, 1.0)
+    assert j.noise_multiplier == pytest.approx(1.6 * by_name["dpmepf.phi1"].noise_multiplier
+                                               * math.sqrt(0.75 / 1.0))
+    assert budget.unclaimed() == [] and 5.0 * (1 - 2e-3) <= budget.spent() <= 5.0
+    assert "judge" in dpmepf.privacy_statement(cfg)["post_processing"]
+    sampler.save(tmp_path / "model")
+    assert (tmp_path / "model" / "judge.safetensors").is_file()
+    with pytest.raises(Exception, match="needs its feature encoder"):
+        dpmepf.Sampler.load(tmp_path / "model").sample(2)
+    again = dpmepf.Sampler.load(tmp_path / "model", encoder=encoder)
+    assert again.judge is not None and again.rounds == 3
+    x1, y1 = sampler.sample(12, seed=4)
+    x2, y2 = again.sample(12, seed=4)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert again.rejected == sampler.rejected
+
+
+def test_the_filter_redraws_what_the_judge_rejects() -> None:
+    from privsynth.generators import judge
+
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(labels: torch.Tensor) -> torch.Tensor:  # a uniformly random grey level per image
+        level = torch.randint(0, 256, (len(labels), 1, 1, 1), generator=gen, dtype=torch.uint8)
+        return level.expand(-1, 1, 4, 4).clone()
+
+    def bright(images: torch.Tensor) -> torch.Tensor:  # a stand-in judge: class 1 if bright
+        return (images.float().mean((1, 2, 3)) > 127.5).long()
+
+    labels = torch.tensor([0, 1] * 50)
+    images, rejected = judge.filtered(draw, bright, labels, labels, rounds=20)
+    assert rejected > 0 and torch.equal(bright(images), labels)
+    first, none = judge.filtered(draw, bright, labels, labels, rounds=0)
+    assert none == 0 and not torch.equal(bright(first), labels)
