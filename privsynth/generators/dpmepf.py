@@ -446,7 +446,6 @@ class Sampler:
         self.net, self.classes, self.weights = net, tuple(classes), list(weights)
         self.judge, self.rounds = judge, int(rounds)
         self.encoder = encoder  # the run's feature encoder: the judge reads its rows
-        self.encoder_name = None if encoder is None else encoder.name
         self.rejected = 0  # draws the judge rejected in this process (a statistic for the card)
         if len(self.weights) % len(self.classes):
             raise ValueError(f"{len(self.weights)} slot weights for {len(self.classes)} classes")
@@ -518,7 +517,7 @@ class Sampler:
         if self.judge is not None:
             save_file(self.judge.state_dict(), str(folder / "judge.safetensors"))
             meta["judge"] = {"network": "linear on the run's encoder rows", "rounds": self.rounds,
-                             "encoder": self.encoder_name or self.encoder.name,
+                             "encoder": self.encoder.name,
                              "dim": self.judge.linear.in_features}
         (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
