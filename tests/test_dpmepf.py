@@ -88,8 +88,9 @@ def test_encoder_rows_have_norm_at_most_one(pixels: float) -> None:
 
 
 def test_lite0_encoder_is_the_packages_network() -> None:
-    """Folded BatchNorm and channels-last layout are speed-ups only: the rows and their input
-    gradients equal the package's own NCHW network with its BatchNorm layers."""
+    """Folded BatchNorm, padding inside the convolutions and channels-last layout are speed-ups
+    only: the rows and their input gradients equal the package's own NCHW network with its
+    BatchNorm layers and padding modules."""
     import copy
 
     from privsynth.features import EfficientNetLite0, lite0_imagenet
@@ -98,6 +99,8 @@ def test_lite0_encoder_is_the_packages_network() -> None:
     ref = copy.deepcopy(enc)  # same forward, the package's unfolded network, plain NCHW layout
     ref.net, ref.memory_format = lite0_imagenet(), torch.contiguous_format
     assert enc.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    pads = [type(m.static_padding).__name__ for m in enc.net.modules() if hasattr(m, "static_padding")]
+    assert pads.count("Identity") > pads.count("ZeroPad2d") > 0  # stride-1 inlined, stride-2 kept
     x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0), requires_grad=True)
     w = torch.randn(6, enc.dim, generator=torch.Generator().manual_seed(1))
     rows, want = enc(x), ref(x)
