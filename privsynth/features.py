@@ -140,7 +140,7 @@ def _inline_padding(net: nn.Module) -> nn.Module:
         pad = getattr(module, "static_padding", None)
         if isinstance(pad, nn.ZeroPad2d) and isinstance(module, nn.Conv2d):
             left, right, top, bottom = pad.padding
-            if left == right and top == bottom and module.padding in (0, (0, 0)):
+            if left == right and top == bottom and module.padding == (0, 0):
                 module.padding, module.static_padding = (top, left), nn.Identity()
     return net
 
