@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import make_folder
-from privsynth.data import scan
+from privsynth.data import load, scan
 from privsynth.features import load_encoder
 from privsynth import generators
 from privsynth.generators import dpmepf
@@ -264,6 +264,28 @@ def test_split_releases_move_at_most_their_sensitivity(kind, tmp_path, encoder, 
         moved = float((b[name] - a[name]).norm())
         assert moved <= sens[name] * (1 + 1e-6), (name, moved)
     assert float((b["dpmepf.counts"] - a["dpmepf.counts"]).norm()) == pytest.approx(1.0)
+
+
+def test_split_releases_encode_each_private_image_once(tmp_path, encoder, monkeypatch) -> None:
+    seen = []
+    forward = type(encoder).forward
+
+    def counting(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(type(encoder), "forward", counting)
+    cfg = dpmepf.Config(steps=1, split_bits=2, judge=True)
+    gen = dpmepf.Generator(cfg, encoder, resolution=28, channels=1)
+    budget = Budget(epsilon=4.0, delta=1e-5, accountant="rdp")
+    listing = scan(make_folder(tmp_path / "d", per_class=5))
+    rel = gen.release(listing, budget, gen.plan(budget, 10))
+    assert sum(seen) == 10 and rel.cells == 4  # stage 2 reads the rows stage 1 encoded
+    assert gen._rows.shape == (10, encoder.dim)  # and the judge gets them too
+    monkeypatch.undo()
+    with torch.no_grad():
+        direct = encoder(load(listing, resolution=28, channels=1).images.float() / 255.0)
+    torch.testing.assert_close(gen._rows, direct)
 
 
 def test_a_rows_cell_depends_on_that_row_alone(encoder) -> None:

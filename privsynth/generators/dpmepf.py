@@ -339,12 +339,14 @@ class Generator:
         by_name = {c.name: c for c in charges if c.name not in judge.VIEWS}
         # User-level privacy: a unit's rows are weighted 1/(its listed files) inside the mechanism.
         sizes = (torch.bincount(torch.tensor(private.units)).tolist() if private.units else None)
-        centre, bits = None, 0
+        centre, bits, encoded = None, 0, None
         if "dpmepf.centre" in by_name:  # stage 1: where each class is cut
             first = GaussianSum(budget, by_name.pop("dpmepf.centre"), k, dim + 1, noise,
                                 unit_sizes=sizes)
+            encoded = []  # each batch's rows, read again by stage 2 instead of encoding twice
             for x, y, u in self._batches(images, progress, "encoding private images (centres)"):
-                feats = self.encoder(x).double().cpu()
+                encoded.append((self.encoder(x).float().cpu(), y, u))
+                feats = encoded[-1][0].double()
                 ones = torch.ones(len(y), 1, dtype=torch.float64)
                 first.add(torch.cat([feats, ones], 1) / math.sqrt(2), y, u)
             sums = first.release()
@@ -357,10 +359,13 @@ class Generator:
                                   unit_sizes=sizes)
                 for name, c in by_name.items()}
         kept = [] if self.config.judge else None  # the rows, for the judge (same bound)
-        for x, y, u in self._batches(images, progress, "encoding private images"):
-            feats = self.encoder(x).double().cpu()
+        batches = encoded if encoded is not None else (
+            (self.encoder(x).float().cpu(), y, u)
+            for x, y, u in self._batches(images, progress, "encoding private images"))
+        for rows, y, u in batches:
+            feats = rows.double()
             if kept is not None:
-                kept.append(feats.float())
+                kept.append(rows)
             slots = y * cells + (self.cell_of(feats, y, centre, bits) if bits else 0)
             mech["dpmepf.phi1"].add(feats, slots, u)
             if "dpmepf.phi2" in mech:
