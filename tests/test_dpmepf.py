@@ -422,6 +422,37 @@ def test_the_tap_convolution_is_the_3x3_convolution_it_replaces(out: int) -> Non
     torch.testing.assert_close(layer.bias.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_the_upsampling_convolution_is_upsample_then_3x3_convolution() -> None:
+    from privsynth.generators.convgen import UpConv2d
+
+    torch.manual_seed(0)
+    layer = UpConv2d(6, 5)
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    y = layer(x)
+    xr = x.detach().clone().requires_grad_()
+    w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    up = torch.nn.functional.interpolate(xr, scale_factor=2, mode="nearest")
+    yr = torch.nn.functional.conv2d(up, w, b, padding=1)
+    assert y.shape == yr.shape == (3, 5, 10, 14)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, w.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_generator_weights_keep_their_names() -> None:
+    from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
+
+    # the names written by every earlier version (runs saved before UpConv2d must still load)
+    names = ["embed.weight", "fc.weight", "fc.bias", "body.0.weight", "body.0.bias",
+             "body.3.weight", "body.3.bias", "body.4.weight", "body.4.bias", "body.7.weight",
+             "body.7.bias", "body.8.weight", "body.8.bias", "body.10.weight", "body.10.bias"]
+    assert list(ConvGenerator(ConvGenConfig(20, 1, 28)).state_dict()) == names
+
+
 def test_the_weight_average_follows_the_generator_at_its_decay(encoder, monkeypatch) -> None:
     from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 

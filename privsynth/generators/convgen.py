@@ -51,8 +51,30 @@ class TapConv2d(nn.Conv2d):
         return out + self.bias.view(1, o, 1, 1)
 
 
+# Output phase of a stride-2 transposed convolution -> the 3x3 taps it sums: nearest-neighbour
+# upsampling repeats each input row twice, so an output row 2i + a of the 3x3 convolution reads
+# input rows (i - 1, i) for a = 0 and (i, i + 1) for a = 1 with the taps summed accordingly.
+_PHASE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+class UpConv2d(nn.Conv2d):
+    """x2 nearest-neighbour upsampling followed by a 3x3 'same' convolution, computed as one
+    stride-2 transposed convolution whose 4x4 kernel sums the 3x3 taps per output phase. Same
+    parameters and function as `nn.Upsample(scale_factor=2)` then `nn.Conv2d(c, o, 3,
+    padding=1)`, at 16 instead of 36 multiply-adds per input pixel and channel pair (on 2 CPU
+    cores, 160 x 64 x 14 x 14 -> 28 x 28 forward + backward: 366 -> 164 ms)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = _PHASE_TAPS.to(self.weight)
+        kernel = torch.einsum("ki,lj,ocij->cokl", taps, taps, self.weight)
+        return F.conv_transpose2d(x, kernel, self.bias, stride=2, padding=1)
+
+
 class ConvGenerator(nn.Module):
-    """fc -> (up, conv, GroupNorm, SiLU) x k -> conv -> sigmoid."""
+    """fc -> (x2 up + conv, GroupNorm, SiLU) x k -> conv -> sigmoid."""
 
     def __init__(self, cfg: ConvGenConfig) -> None:
         super().__init__()
@@ -68,8 +90,8 @@ class ConvGenerator(nn.Module):
         ch = top
         for _ in range(ups):
             out = max(cfg.width, ch // 2) if ch > cfg.width else cfg.width
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, out, 3, padding=1),
-                       nn.GroupNorm(8, out), nn.SiLU()]
+            # (the Identity keeps the layer indices, so weights saved before UpConv2d still load)
+            layers += [nn.Identity(), UpConv2d(ch, out), nn.GroupNorm(8, out), nn.SiLU()]
             ch = out
         layers += [TapConv2d(ch, cfg.channels), nn.Sigmoid()]
         self.body = nn.Sequential(*layers)
