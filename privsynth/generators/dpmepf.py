@@ -275,16 +275,15 @@ class Generator:
             releases = self.release(private, budget, charges, progress, images=images)
             if state:
                 state.save("releases", dict(releases.__dict__, rejects=self.rejects))
-        filters = {}
+        filters, views = {}, {name: self.view(name) for name in self.config.filters}
         for name in self.config.filters:
-            key = name.split(".")[1]  # judge, scatter_judge
-            saved = state.load(key) if state else None
+            saved = state.load(judge.key(name)) if state else None
             if saved is None:  # an interrupted judge restarts: its draws were never released
                 if images is None:
                     images = load(private, resolution=self.resolution, channels=self.channels)
-                filters[name] = self._judge(name, images, budget, charges, progress)
+                filters[name] = self._judge(name, views[name], images, budget, charges, progress)
                 if state:
-                    state.save(key, filters[name].state_dict())
+                    state.save(judge.key(name), filters[name].state_dict())
             else:
                 filters[name] = judge.Judge(saved["linear.weight"].shape[1], len(private.classes))
                 filters[name].load_state_dict(saved)
@@ -295,7 +294,7 @@ class Generator:
         if filters:
             sampler.judges = {n: f.cpu() for n, f in filters.items()}
             sampler.rounds = self.config.judge_rounds
-            sampler.views = {n: self.view(n) for n in filters}
+            sampler.views = views
         return sampler
 
     def view(self, name: str) -> torch.nn.Module:
@@ -305,11 +304,11 @@ class Generator:
         return ScatterView((self.resolution, self.resolution), self.channels,
                            self.config.scatter_scales, groups=self.config.scatter_groups)
 
-    def _judge(self, name: str, images, budget: Budget, charges: list[Charge],
-               progress: Progress | None) -> judge.Judge:
-        """Train the DP-SGD label filter `name` on its recorded charge: from the feature rows the
-        releases read (encoded again when a resumed fit has only the saved releases), or from
-        the scattering transform of the private images."""
+    def _judge(self, name: str, view: torch.nn.Module, images, budget: Budget,
+               charges: list[Charge], progress: Progress | None) -> judge.Judge:
+        """Train the DP-SGD label filter `name` on its recorded charge, from what `view` reads of
+        the private images (for dpmepf.judge, the feature rows the releases read; encoded again
+        when a resumed fit has only the saved releases)."""
         from privsynth.generators.finetune import members
 
         found = [c for c in charges if c.name == name]
@@ -318,7 +317,7 @@ class Generator:
                              "started with it off?)")
         rows = self._rows if name == "dpmepf.judge" else None
         if rows is None:
-            view = self.view(name).to(self.device)
+            view = view.to(self.device)
             with torch.no_grad():
                 rows = torch.cat([view(x).float().cpu() for x, _, _ in
                                   self._batches(images, progress, f"reading private images ({name})")])
@@ -576,7 +575,7 @@ class Sampler:
         if self.cells > 1:
             meta["slot_weights"] = self.weights
         for name, net in self.judges.items():
-            key = name.split(".")[1]
+            key = judge.key(name)
             save_file(net.state_dict(), str(folder / f"{key}.safetensors"))
             view = self.views[name]
             meta[key] = {"rounds": self.rounds, "dim": net.linear.in_features}
@@ -597,7 +596,7 @@ class Sampler:
         net.load_state_dict(load_file(str(folder / "generator.safetensors")))
         judges, views, rounds = {}, {}, 0
         for name in judge.VIEWS:
-            key = name.split(".")[1]
+            key = judge.key(name)
             if key not in meta:
                 continue
             spec = meta[key]

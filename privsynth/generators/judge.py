@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from privsynth.errors import BudgetError
 from privsynth.privacy import Budget, Charge, NoiseSource
-from privsynth.privacy.dpsgd import DPSGD, clipped_sum, hidden_generator, unit_passes
+from privsynth.privacy.dpsgd import (DPSGD, clip_factors, clipped_sum, hidden_generator,
+                                     unit_passes)
 
 Progress = Callable[[str, int, int], None]
 PASS = 4096  # rows per gradient pass (bounds memory, not privacy)
@@ -50,6 +50,12 @@ class Judge(nn.Module):
 
 VIEWS = {"dpmepf.judge": "the encoder features", "dpmepf.scatter_judge": "the wavelet scattering "
          "transform of the pixels (privsynth.scattering, group-normalised)"}
+
+
+def key(name: str) -> str:
+    """The short name of judge `name` (a key of VIEWS): its weights file, config entry and saved
+    training state ('judge', 'scatter_judge')."""
+    return name.split(".", 1)[1]
 
 
 def charge(sigma: float, batch: int, epochs: float, clip: float, n: int,
@@ -87,9 +93,7 @@ def clipped_gradient(judge: Judge, feats: torch.Tensor, labels: torch.Tensor, bo
         residual = torch.softmax(judge(feats), 1)
         residual[torch.arange(len(labels)), labels] -= 1.0
         norms = residual.norm(dim=1) * (feats.pow(2).sum(1) + 1.0).sqrt()
-        if not torch.isfinite(norms).all():
-            raise BudgetError("non-finite per-sample gradient; nothing was released")
-        scaled = residual * (bound / (norms + 1e-6)).clamp(max=1.0)[:, None]
+        scaled = residual * clip_factors(norms, bound)[:, None]
         return [scaled.T @ feats, scaled.sum(0)]
 
 

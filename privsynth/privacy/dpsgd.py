@@ -111,11 +111,17 @@ def clipped_sum(grads: Sequence[torch.Tensor], bound: float, *,
         return [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in grads]
     if owners is not None and int(owners.max()) + 1 < len(owners):  # some unit has several rows
         grads = unit_means(grads, owners)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    scale = clip_factors(torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt(),
+                         bound)
+    return [torch.einsum("b,b...->...", scale.to(g.dtype), g) for g in grads]
+
+
+def clip_factors(norms: torch.Tensor, bound: float) -> torch.Tensor:
+    """Per-row factors min(1, bound / norm) that clip rows of L2 norm `norms` to `bound`;
+    BudgetError (nothing released) if a norm is not finite."""
     if not torch.isfinite(norms).all():
         raise BudgetError("non-finite per-sample gradient; nothing was released")
-    scale = (bound / (norms + 1e-6)).clamp(max=1.0)
-    return [torch.einsum("b,b...->...", scale.to(g.dtype), g) for g in grads]
+    return (bound / (norms + 1e-6)).clamp(max=1.0)
 
 
 def unit_means(grads: Sequence[torch.Tensor], owners: torch.Tensor) -> list[torch.Tensor]:
