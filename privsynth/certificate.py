@@ -37,10 +37,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+def replace_one(eps: float, delta: float) -> tuple[float, float]:
+    """The guarantee for replace-one neighbours implied by add/remove (eps, delta)-DP: replacing
+    a unit is one removal then one addition, and group privacy over those two steps gives
+    (2 eps, (1 + e^eps) delta), delta capped at 1."""
+    return 2 * eps, min(1.0, delta + math.exp(min(eps + math.log(delta), 0.0)))
+
+
 def issue(budget: Budget, *, method: str, privacy_unit: str, delta_rule: str,
           unprotected: list[str], post_processing: str, noise_rng: dict,
-          notes: list[str] = (), unit: dict | None = None) -> dict:
-    """The certificate of everything `budget` was charged for (fields: certificate_schema.json)."""
+          notes: list[str] = (), unit: dict | None = None, n_public: bool = False) -> dict:
+    """The certificate of everything `budget` was charged for (fields: certificate_schema.json).
+    `n_public`: `unprotected` names N, so the notes say what replace-one neighbours get."""
     cert = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -63,6 +71,13 @@ def issue(budget: Budget, *, method: str, privacy_unit: str, delta_rule: str,
     }
     if unit is not None:  # the unit as data, and how its contribution is bounded
         cert["unit"] = dict(unit)
+    if n_public:
+        eps2, delta2 = replace_one(cert["epsilon"]["spent"], budget.delta)
+        cert["notes"].append(
+            "N is not protected (above), so the neighbouring relation that matters is replace-one: "
+            "two datasets with the same N that differ in one unit. Replacing a unit is one removal "
+            "and one addition, so by group privacy this run is (2 epsilon, (1 + e^epsilon) delta) "
+            f"= ({eps2:.4g}, {delta2:.3g})-differentially private for replace-one neighbours.")
     return cert
 
 

@@ -287,22 +287,32 @@ def _statement(stmt: dict, recipe: Recipe, delta_rule: str, auto_channels: bool)
     unprotected = ["the class names of the private folder (folder names or label values) and "
                    "how many classes there are"]
     words, unit = privacy_units.describe(recipe.privacy.unit)
+    stmt = dict(stmt)
     if "unit_bound" in stmt:  # the method's own words for how it bounds a unit
-        stmt = dict(stmt)
         unit = dict(unit, bound=stmt.pop("unit_bound"))
-    stmt = dict(stmt, unit=unit)
+    stmt["unit"] = unit
     if unit["kind"] != "image":
         stmt["privacy_unit"] = words
         stmt["notes"] = [*stmt.get("notes", []), f"User-level privacy: {unit['bound']}. Counts "
                          "are then per-class sums of unit weights (units, not images)."]
-    if delta_rule.startswith("1 / (N ln N)"):
-        what = "privacy units" if unit["kind"] != "image" else "private image files"
-        unprotected.append(f"the number of {what} N, used only to set delta")
+    n_public = _n_unprotected(stmt.pop("uses_n", ""), delta_rule, unit["kind"])
+    unprotected += [n_public] if n_public else []
     if auto_channels:
         unprotected.append("whether every private file is greyscale (data.channels=auto, read "
                            "from file headers), which sets the channels of the output")
     unprotected.append("the recipe and the pretrained public weights (public by assumption)")
-    return dict(stmt, unprotected=unprotected + stmt.get("unprotected", []))
+    return dict(stmt, unprotected=unprotected + stmt.get("unprotected", []),
+                n_public=bool(n_public))
+
+
+def _n_unprotected(uses_n: str, delta_rule: str, kind: str) -> str:
+    """The one sentence naming N unprotected ('' when nothing used it): N sets delta by default,
+    and whatever the method says it computes from N (`uses_n`, e.g. a DP-SGD sample rate)."""
+    what = "privacy units" if kind != "image" else "private image files"
+    sets_delta = delta_rule.startswith("1 / (N ln N)")
+    if not uses_n:
+        return f"the number of {what} N, used only to set delta" if sets_delta else ""
+    return f"the number of {what} N, which sets {'delta and ' if sets_delta else ''}{uses_n}"
 
 
 def _public_record(public: Path | None, module: object) -> dict:

@@ -555,6 +555,31 @@ def test_a_judged_fit_charges_the_judges_and_publishes_them(tmp_path, encoder) -
     assert again.rejected == sampler.rejected
 
 
+def test_the_judge_divides_by_the_charged_units_not_the_decoded_ones(tmp_path, encoder,
+                                                                     monkeypatch) -> None:
+    """With one undecodable file the judge still divides its noisy sums by q x N, N the charged
+    (listed) units: how many files decoded is private."""
+    from privsynth.generators import judge
+
+    folder = make_folder(tmp_path / "d", per_class=3)
+    (folder / "circle" / "broken.png").write_bytes(b"this is not an image\n")
+    listing = scan(folder)
+    seen = []
+
+    class Recording(judge.DPSGD):
+        def __init__(self, *args, expected_batch: float, **kwargs) -> None:
+            seen.append(expected_batch)
+            super().__init__(*args, expected_batch=expected_batch, **kwargs)
+
+    monkeypatch.setattr(judge, "DPSGD", Recording)
+    cfg = dpmepf.Config(steps=1, batch_per_class=2, width=8, judge=True, judge_batch=2,
+                        judge_epochs=1.0)
+    gen = dpmepf.Generator(cfg, encoder, resolution=16, channels=1)
+    gen.fit(listing, Budget(epsilon=5.0, delta=1e-5))
+    assert len(listing.files) == 7 and len(gen.rejects) == 1
+    assert seen == [pytest.approx(2.0)]  # q x N = (2 / 7) x 7, not (2 / 7) x 6 decoded
+
+
 def test_the_filter_redraws_what_the_judge_rejects() -> None:
     from privsynth.generators import judge
 

@@ -81,6 +81,56 @@ def test_certificate_states_the_unit_its_bound_and_delta_from_units(certs):
     assert "Per-unit bound" in certificate.render(per_person)
 
 
+def _n_items(unprotected: list[str]) -> list[str]:
+    return [u for u in unprotected if "files N" in u or "units N" in u]
+
+
+def test_a_judged_fit_with_a_given_delta_names_n_unprotected(tmp_path):
+    """Issue 25: the judge's sample rate is judge_batch / N and every sigma is calibrated with it,
+    so even with a user-given delta the certificate names N, once, and states what replace-one
+    neighbours get."""
+    from conftest import make_folder
+
+    folder = make_folder(tmp_path / "private", per_class=4)
+    judged = dict(TINY["dpmepf"], judge=True, judge_batch=2, judge_epochs=1.0)
+    recipe = resolve(dict(TINY, dpmepf=judged, privacy={"epsilon": 4.0, "delta": 1e-5}))
+    result = run.fit(folder, None, recipe, tmp_path / "run", dataset="judged")
+    cert = json.loads((result.run / "certificate.json").read_text())
+    jsonschema.validate(cert, _schema(), cls=jsonschema.Draft202012Validator)
+    assert cert["delta_rule"].startswith("user-given")
+    [named] = _n_items(cert["unprotected"])
+    assert "dpmepf.judge (judge_batch / N)" in named and "every release" in named
+    assert "used only to set delta" not in named
+    eps2, delta2 = 2 * cert["epsilon"]["spent"], (1 + math.exp(cert["epsilon"]["spent"])) * 1e-5
+    assert any(f"({eps2:.4g}, {delta2:.3g})" in n and "replace-one" in n for n in cert["notes"])
+
+
+def test_n_is_named_once_for_all_its_uses():
+    """The default delta and the judges' sample rates share one sentence; without either, N is
+    not named (and no replace-one note is asked for)."""
+    from privsynth.generators import dpmepf
+
+    default = "1 / (N ln N) with N = 12 private image files"
+    both = run._statement(dpmepf.privacy_statement(dpmepf.Config(judge=True, scatter_judge=True)),
+                          resolve(TINY), default, False)
+    [named] = _n_items(both["unprotected"])
+    assert named.startswith("the number of private image files N, which sets delta and the DP-SGD")
+    assert "scatter_batch / N" in named and both["n_public"] and "uses_n" not in both
+    only_delta = run._statement(dpmepf.privacy_statement(dpmepf.Config()), resolve(TINY), default,
+                                False)
+    assert _n_items(only_delta["unprotected"]) == ["the number of private image files N, used "
+                                                   "only to set delta"]
+    given = run._statement(dpmepf.privacy_statement(dpmepf.Config()), resolve(TINY),
+                           "user-given delta = 1e-05", False)
+    assert _n_items(given["unprotected"]) == [] and not given["n_public"]
+
+
+def test_replace_one_is_two_add_remove_steps():
+    """Group privacy over a removal and an addition: (2 eps, (1 + e^eps) delta), delta <= 1."""
+    assert certificate.replace_one(1.0, 1e-5) == (2.0, pytest.approx((1 + math.e) * 1e-5))
+    assert certificate.replace_one(2000.0, 1e-9) == (4000.0, 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the known-answer PRV value (RELIABILITY.md B: sigma=1.5, q=0.04, T=2250, delta=1e-5)
 

@@ -211,11 +211,15 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
             "image only when every judge agrees with its label.")
     post = ("a generator trained only on the noisy releases (it never reads private data); "
             "sampling uses class proportions from the noisy counts")
-    if config.filters:
-        post += " and redraws images a DP-SGD judge assigns to another class"
-    return {"privacy_unit": "one image file",
-            "post_processing": post,
-            "notes": notes, "unprotected": []}
+    stmt = {"privacy_unit": "one image file", "post_processing": post, "notes": notes,
+            "unprotected": []}
+    if config.filters:  # their sample rates are batch / N: N is then declared (run._statement)
+        rates = {"dpmepf.judge": "judge_batch / N", "dpmepf.scatter_judge": "scatter_batch / N"}
+        stmt["post_processing"] += " and redraws images a DP-SGD judge assigns to another class"
+        stmt["uses_n"] = ("the DP-SGD sample rate of " + " and ".join(
+            f"{name} ({rates[name]})" for name in config.filters) + ", and through it the sigma "
+            "of every release (all charges are calibrated together)")
+    return stmt
 
 
 @dataclass
@@ -281,7 +285,8 @@ class Generator:
             if saved is None:  # an interrupted judge restarts: its draws were never released
                 if images is None:
                     images = load(private, resolution=self.resolution, channels=self.channels)
-                filters[name] = self._judge(name, views[name], images, budget, charges, progress)
+                filters[name] = self._judge(name, views[name], images, budget, charges, n,
+                                            progress)
                 if state:
                     state.save(judge.key(name), filters[name].state_dict())
             else:
@@ -305,10 +310,11 @@ class Generator:
                            self.config.scatter_scales, groups=self.config.scatter_groups)
 
     def _judge(self, name: str, view: torch.nn.Module, images, budget: Budget,
-               charges: list[Charge], progress: Progress | None) -> judge.Judge:
-        """Train the DP-SGD label filter `name` on its recorded charge, from what `view` reads of
-        the private images (for dpmepf.judge, the feature rows the releases read; encoded again
-        when a resumed fit has only the saved releases)."""
+               charges: list[Charge], n: int, progress: Progress | None) -> judge.Judge:
+        """Train the DP-SGD label filter `name` on its recorded charge (over `n` privacy units,
+        the N it was charged for), from what `view` reads of the private images (for
+        dpmepf.judge, the feature rows the releases read; encoded again when a resumed fit has
+        only the saved releases)."""
         from privsynth.generators.finetune import members
 
         found = [c for c in charges if c.name == name]
@@ -324,7 +330,8 @@ class Generator:
         units = None if images.units is None else int(images.units.max()) + 1
         lr = self.config.judge_lr if name == "dpmepf.judge" else self.config.scatter_lr
         return judge.train(rows.to(self.device), images.labels, len(images.classes), budget,
-                           found[0], lr=lr, groups=members(images, units), progress=progress)
+                           found[0], lr=lr, groups=members(images, units), units=n,
+                           progress=progress)
 
     @torch.no_grad()
     def release(self, private: Listing, budget: Budget, charges: list[Charge],

@@ -98,15 +98,19 @@ def clipped_gradient(judge: Judge, feats: torch.Tensor, labels: torch.Tensor, bo
 
 
 def train(feats: torch.Tensor, labels: torch.Tensor, classes: int, budget: Budget,
-          the_charge: Charge, *, lr: float, groups: list[np.ndarray],
+          the_charge: Charge, *, lr: float, groups: list[np.ndarray], units: int,
           progress: Progress | None = None) -> Judge:
     """Exactly `the_charge.steps` noisy DP-SGD steps over `groups` (the rows of each privacy unit:
-    a unit's gradients are averaged into one row before clipping). Returns the judge, eval mode."""
+    a unit's gradients are averaged into one row before clipping). Returns the judge, eval mode.
+
+    Each noisy sum is divided by q x `units`, the charged number of units (public: the
+    certificate names it), never by `len(groups)`, which moves with the files that failed to
+    decode."""
     judge = Judge(feats.shape[1], classes).to(feats.device)
     params = [judge.linear.weight, judge.linear.bias]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=the_charge.steps)
-    mech = DPSGD(budget, the_charge, expected_batch=the_charge.sample_rate * len(groups),
+    mech = DPSGD(budget, the_charge, expected_batch=the_charge.sample_rate * units,
                  noise=NoiseSource())
     gen = hidden_generator()
     cap = max(len(g) for g in groups)
