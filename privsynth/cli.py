@@ -4,39 +4,114 @@ Results go to stdout (a JSON document with --json), progress and messages to std
 errors become exit codes here and only here:
 0 ok, 1 unexpected error, 2 usage (flags, recipe), 3 data (unreadable input folder),
 4 budget (the privacy budget cannot pay), 5 missing resource (weights file),
-6 verification failed, 130 interrupted (Ctrl-C), 141 stdout closed early (`| head`; quiet).
-No ANSI codes on stderr unless it is a terminal and NO_COLOR is unset.
+6 verification failed, 130 interrupted (Ctrl-C), 141 stdout closed early (`| head`; quiet),
+143 terminated (SIGTERM, during fit and resume).
+Every error is one line on stderr, click's usage errors included. No ANSI codes on stderr unless
+it is a terminal and NO_COLOR is unset; progress is drawn as bars on a terminal and written as
+plain, rate-limited lines otherwise (a piped or nohup fit still says where it is).
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privsynth import __version__
 from privsynth.errors import PrivsynthError, UsageError, VerificationError
+from privsynth.generators import METHODS
+
+# click's exceptions, found through typer's public BadParameter: typer vendors click from 0.29 on
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during a fit: handled like Ctrl-C (the resume hint), exit 143."""
+
+
+def _usage_error(exc: Exception) -> typer.Exit:
+    """click's own error (bad flag, missing argument) as one line on stderr; the exit to raise."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    if not _rank_tag():  # under torchrun every process parses the same flags: rank 0 says it
+        err.print("[red]error:[/]", escape(message + hint), highlight=False)
+    return typer.Exit(UsageError.exit_code)
+
+
+def _is_click_error(exc: BaseException) -> bool:
+    """A click error to print as one line (not the help that `privsynth` alone prints)."""
+    return isinstance(exc, _ClickException) and type(exc).__name__ != "NoArgsIsHelpError"
+
+
+def _readable(params: list) -> list:
+    """Help without Python types: typer shows `<bool>` after flags and `<path>`, `<list[Path]>`
+    after arguments, whose metavar (PRIVATE, RUN) already says what they are."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and hasattr(param, "display_type_rich"):
+            param.display_type_rich = lambda ctx: None  # typer >= 0.29's type column
+    return params
+
+
+class _Command(TyperCommand):
+    """A subcommand whose help shows no Python types."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        return _readable(super().get_params(ctx))
+
 
 class _Group(TyperGroup):
     """Maps library errors to exit codes: the only place that decides how privsynth exits."""
 
+    def get_params(self, ctx: typer.Context) -> list:
+        return _readable(super().get_params(ctx))
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except _ClickException as exc:  # `privsynth --bogus`
+            if not _is_click_error(exc):
+                raise
+            raise _usage_error(exc) from None
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name == "fit" and cmd is not None:
+            alias = _fit_resume_alias(cmd, ctx, rest)
+            if alias is not None:  # `fit --resume RUN`: the old spelling of `resume RUN`
+                return "resume", self.get_command(ctx, "resume"), alias
+        return name, cmd, rest
+
     def invoke(self, ctx: typer.Context) -> object:
         try:
             return super().invoke(ctx)
-        except (typer.TyperException, typer.Exit, typer.Abort):  # usage errors, --help, Ctrl-C
+        except (typer.Exit, typer.Abort):  # --help, --version, Ctrl-C at a prompt
             raise
+        except _ClickException as exc:  # a bad flag or value: one line, like every other error
+            if not _is_click_error(exc):
+                raise
+            raise _usage_error(exc) from None
         except PrivsynthError as exc:
             if getattr(exc, "echo_of_rank", None) is None:  # torchrun: the rank it came from says it
                 err.print(f"[red]error{_rank_tag()}:[/]", escape(str(exc)), highlight=False)
             ctx.exit(exc.exit_code)
+        except _Terminated:
+            err.print("terminated")
+            ctx.exit(143)
         except KeyboardInterrupt:
             err.print("interrupted")
             ctx.exit(130)
@@ -65,7 +140,8 @@ app = typer.Typer(
          "-> evaluate."
          "\n\nExit codes: 0 ok, 1 internal error, 2 usage (flag, recipe, refusing to overwrite), "
          "3 data (unreadable folder; any reject under --strict), 4 budget, 5 missing resource "
-         "(weights file), 6 verification failed, 130 interrupted, 141 stdout closed early.")
+         "(weights file), 6 verification failed, 130 interrupted, 141 stdout closed early, "
+         "143 terminated (SIGTERM).")
 _NO_COLOR = bool(os.environ.get("NO_COLOR"))  # https://no-color.org: and no cursor codes either
 err = Console(stderr=True, soft_wrap=True, no_color=_NO_COLOR or None,
               force_terminal=False if _NO_COLOR else None)
@@ -76,26 +152,58 @@ Examples:\n
   privsynth fit ./xrays --method dp-mepf --epsilon 1 --recipe recipes/mnist-dpmepf.toml --set dpmepf.steps=500 --out runs/x1\n
   privsynth fit assets/demo/private --public assets/demo/public --method privimage --epsilon 10 --recipe recipes/demo-privimage.toml --out runs/pi
 
-  privsynth fit --resume runs/x1   (finish a fit cut short by Ctrl-C, a crash or kill -9)
+  privsynth resume runs/x1   (finish a fit cut short by Ctrl-C, SIGTERM, a crash or kill -9)
 
   torchrun --standalone --nproc-per-node 4 -m privsynth fit ... --method privimage --device cuda   (data-parallel, one GPU per process: README "Scaling out")
 """
 
 
 class _Bars:
-    """Rich progress bars on stderr, one per task description prefix."""
+    """Progress on stderr, one bar or line per task description prefix (the part before " (").
 
-    def __init__(self, enabled: bool) -> None:
+    On a terminal: rich progress bars. Elsewhere (`lines`: piped, nohup, a log file): plain lines,
+    at most one per stage every `every` seconds, plus each stage's last line."""
+
+    def __init__(self, enabled: bool, *, lines: bool = False, every: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                                  console=err, disable=not enabled, transient=False)
         self.tasks: dict[str, int] = {}
+        self.lines = lines and not enabled
+        self.every, self.clock = every, clock
+        self.started: dict[str, float] = {}
+        self.shown: dict[str, tuple[float, int, int]] = {}  # stage -> last (when, done, total)
 
     def __call__(self, what: str, done: int, total: int) -> None:
         key = what.split(" (")[0]
+        if self.lines:
+            self._line(key, what, done, total)
+            return
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(what, total=total)
         self.progress.update(self.tasks[key], completed=done, total=total, description=what)
+
+    def _line(self, key: str, what: str, done: int, total: int) -> None:
+        now = self.clock()
+        start = self.started.setdefault(key, now)
+        last = self.shown.get(key)
+        if last is not None and (last[1:] == (done, total)  # nothing new
+                                 or now - last[0] < self.every and done < total):
+            return
+        self.shown[key] = (now, done, total)
+        elapsed = int(now - start)
+        err.print(escape(f"{what}: {done}/{total} "
+                         f"[{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}]"),
+                  highlight=False)
+
+
+def _progress(json_out: bool) -> _Bars:
+    """Bars on a terminal (not with --json), plain lines when stderr is not one; rank 0 only."""
+    from privsynth import distributed
+
+    main, tty = distributed.is_main(), sys.stderr.isatty()
+    return _Bars(tty and not json_out and main, lines=not tty and main)
 
 
 def _emit(result: dict, as_json: bool, human: str) -> None:
@@ -127,73 +235,39 @@ def _resume_hint(out: Path):
 
         if distributed.is_main() and (run.work_folder(out) / run.FIT_STATE).is_file():
             err.print(escape(f"the spend is recorded and the fit's state kept in "
-                             f"{run.work_folder(out)}; finish it with: privsynth fit --resume {out}"))
+                             f"{run.work_folder(out)}; finish it with: privsynth resume {out}"))
         raise
 
 
-@app.command(epilog=EXAMPLES_FIT)
-def fit(
-    private: Annotated[Optional[Path], typer.Argument(
-        help="Private image folder: ImageFolder (one sub-folder per class), flat (unlabelled) or "
-             "with metadata.jsonl.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="New run folder to write "
-                                                "(never overwritten).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(
-        help="Finish the interrupted fit of this run folder (its .RUN.work folder holds the "
-             "recorded spend and the last saved state); takes no other option.")] = None,
-    public: Annotated[Optional[Path], typer.Option(help="Public labelled image folder: privimage's "
-                                                   "query and pretraining data (dp-mepf only records "
-                                                   "it; its public side is the encoder).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="dp-mepf or privimage (or set `method` in the "
-                                                  "recipe).")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon for the whole run.")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="Target delta (default 1/(N ln N)).")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe file (see recipes/).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: "
-                                                      "section.key=value (repeatable).")] = None,
-    unit: Annotated[Optional[str], typer.Option(help="Privacy unit: image (default), column:NAME "
-                                                "(metadata.jsonl) or folder:K.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Name of PRIVATE in the budget ledger "
-                                                   "(default: a random id kept in "
-                                                   "PRIVATE/.privsynth-dataset).")] = None,
-    ledger: Annotated[Optional[Path], typer.Option(help="Budget ledger folder (default "
-                                                   "$PRIVSYNTH_LEDGER or ~/.local/share/"
-                                                   "privsynth/ledger).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Torch device for training: cpu, cuda, "
-                                                  "cuda:1 (overrides run.device).")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 3) if any entry of PRIVATE "
-                                         "would be rejected; checked before any budget is spent.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
-) -> None:
-    """Spend the privacy budget once: train a generator on PRIVATE and write a run folder.
-    The spend is recorded in PRIVATE's budget ledger; a fit past its limit is refused."""
-    from privsynth import distributed
-    from privsynth import recipe as recipes
-    from privsynth import run
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (kill, a scheduler's stop, torchrun stopping its workers) raises `_Terminated`,
+    so the fit stops as on Ctrl-C: its ledger entries are settled and the resume hint printed.
+    A second SIGTERM gets the previous handler (by default: exit at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
 
-    if resume is not None:
-        given = [name for name, value in (("PRIVATE", private), ("--out", out), ("--public", public),
-                                          ("--method", method), ("--epsilon", epsilon),
-                                          ("--delta", delta), ("--recipe", recipe), ("--set", set_),
-                                          ("--unit", unit), ("--dataset", dataset),
-                                          ("--ledger", ledger), ("--device", device)) if value]
-        if given:
-            raise UsageError(f"--resume takes the recorded inputs; drop {', '.join(given)}")
-    elif private is None or out is None:
-        raise UsageError("fit needs PRIVATE and --out (or --resume RUN)")
-    else:
-        raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
-        if method is not None:
-            raw["method"] = method
-        if device is not None:
-            raw.setdefault("run", {})["device"] = device
-        resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta, unit=unit)
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fit_and_report(call: Callable[[_Bars], object], out: Path, json_out: bool) -> None:
+    """Run a fit (`call(progress)`: fresh or resumed) and print what it wrote and spent."""
+    from privsynth import distributed
+
     with distributed.session():
-        bars = _Bars(sys.stderr.isatty() and not json_out and distributed.is_main())
-        with bars.progress, _resume_hint(resume or out):
-            result = (run.resume(resume, progress=bars) if resume is not None else
-                      run.fit(private, public, resolved, out, progress=bars, dataset=dataset,
-                              ledger_dir=ledger, strict=strict))
+        bars = _progress(json_out)
+        with _sigterm_interrupts(), bars.progress, _resume_hint(out):
+            result = call(bars)
     if result is None:  # a torchrun process other than rank 0: rank 0 reports
         return
     cert = result.certificate
@@ -210,17 +284,143 @@ def fit(
           f"  certificate: {summary['certificate']}")
 
 
-@app.command(epilog="Examples:\n\n  privsynth sample runs/demo -n 1000 --out synth/demo\n\n"
-                    "  privsynth sample runs/demo -n 60000 --out synth/big --seed 3 --balanced")
+def _method(value: Optional[str]) -> Optional[str]:
+    """--method: one of METHODS, with the closest one suggested."""
+    if value is None or value in METHODS:
+        return value
+    close = difflib.get_close_matches(value, METHODS, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(METHODS)}{hint}")
+
+
+def _fit_resume_alias(cmd, ctx: typer.Context, args: list[str]) -> Optional[list[str]]:
+    """`resume`'s arguments when `fit` was called as `fit --resume RUN [--json]`, else None.
+
+    The flags are parsed (not processed) as `fit` would parse them; any other input is refused,
+    since a resumed fit takes the inputs its first attempt recorded."""
+    probe = cmd.context_class(cmd, parent=ctx, info_name="fit", resilient_parsing=True)
+    try:
+        opts, extra, _ = cmd.make_parser(probe).parse_args(args=list(args))
+    except _ClickException:
+        return None  # `fit` itself reports the bad flag
+    if opts.get("resume") is None or opts.get("help"):
+        return None
+    given = [(next((o for o in p.opts if o.startswith("--")), p.opts[0])
+              if p.param_type_name == "option" else (p.metavar or p.name.upper()))
+             for p in cmd.params if p.name not in ("resume", "json_out")
+             and opts.get(p.name) not in (None, (), [])] + [str(a) for a in extra]
+    if given:
+        raise UsageError(f"--resume takes the recorded inputs; drop {', '.join(given)} "
+                         "(`privsynth resume RUN` is the same command)")
+    return (["--json"] if opts.get("json_out") else []) + ["--", str(opts["resume"])]
+
+
+@app.command(cls=_Command, epilog=EXAMPLES_FIT)
+def fit(
+    private: Annotated[Path, typer.Argument(
+        metavar="PRIVATE", show_default=False,
+        help="Private image folder: ImageFolder (one sub-folder per class), flat (unlabelled) or "
+             "with metadata.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="RUN", show_default=False,
+                                      help="New run folder to write (never overwritten).")],
+    method: Annotated[Optional[str], typer.Option(
+        metavar="[" + "|".join(METHODS) + "]", callback=_method,
+        help="The generator (or set `method` in the recipe).")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(
+        metavar="EPSILON", help="Target epsilon for the whole run (> 0). Required, unless the "
+                                "recipe sets privacy.epsilon.")] = None,
+    public: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="Public labelled image "
+                                                   "folder: privimage's query and pretraining data "
+                                                   "(dp-mepf only records it; its public side is "
+                                                   "the encoder).")] = None,
+    delta: Annotated[Optional[float], typer.Option(metavar="DELTA", help="Target delta (default "
+                                                   "1/(N ln N)).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(metavar="FILE", help="TOML recipe file (see "
+                                                   "recipes/).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override "
+                                                      "a recipe key: section.key=value "
+                                                      "(repeatable).")] = None,
+    unit: Annotated[Optional[str], typer.Option(metavar="UNIT", help="Privacy unit: image "
+                                                "(default), column:NAME (metadata.jsonl) or "
+                                                "folder:K.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(metavar="NAME", help="Name of PRIVATE in the "
+                                                   "budget ledger (default: a random id kept in "
+                                                   "PRIVATE/.privsynth-dataset).")] = None,
+    ledger: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="Budget ledger folder "
+                                                   "(default $PRIVSYNTH_LEDGER or ~/.local/share/"
+                                                   "privsynth/ledger).")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Torch device for "
+                                                  "training: cpu, cuda, cuda:1 (overrides "
+                                                  "run.device).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 3) if any entry of PRIVATE "
+                                         "would be rejected; checked before any budget is spent.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        metavar="RUN", help="Old spelling of `privsynth resume RUN` (kept for scripts); takes no "
+                            "other input.")] = None,
+) -> None:
+    """Spend the privacy budget once: train a generator on PRIVATE and write a run folder.
+    The spend is recorded in PRIVATE's budget ledger; a fit past its limit is refused.
+
+    The whole request (method, epsilon, recipe, --out) is checked before anything is written."""
+    from privsynth import recipe as recipes
+    from privsynth import run
+
+    if resume is not None:  # `fit --resume RUN` is routed to `resume` before fit parses its flags
+        raise UsageError("use `privsynth resume RUN`")
+    raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
+    if method is not None:
+        raw["method"] = method
+    if device is not None:
+        raw.setdefault("run", {})["device"] = device
+    if epsilon is not None and not epsilon > 0:
+        raise UsageError(f"--epsilon must be > 0, got {epsilon:g}")
+    resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta, unit=unit)
+    if not resolved.privacy.epsilon > 0:
+        raise UsageError("--epsilon is required (or set privacy.epsilon in the recipe)"
+                         if "epsilon" not in raw.get("privacy", {}) else
+                         f"privacy.epsilon must be > 0, got {resolved.privacy.epsilon:g}")
+    _fit_and_report(lambda bars: run.fit(private, public, resolved, out, progress=bars,
+                                         dataset=dataset, ledger_dir=ledger, strict=strict),
+                    out, json_out)
+
+
+@app.command("resume", cls=_Command,
+             epilog="Examples:\n\n  privsynth resume runs/x1\n\n  privsynth resume runs/x1 --json")
+def resume_(
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN", show_default=False,
+        help="The run folder an interrupted fit was writing (its sibling .RUN.work folder holds "
+             "the recorded spend and the last saved state).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Finish a fit cut short by Ctrl-C, SIGTERM, a crash or kill -9 (spends nothing more).
+
+    It takes the inputs the fit recorded and reuses its recorded charges: the certificate equals
+    the one an uninterrupted fit would have written. `fit --resume RUN` is the same command."""
+    from privsynth import run
+
+    _fit_and_report(lambda bars: run.resume(run_dir, progress=bars), run_dir, json_out)
+
+
+@app.command(cls=_Command,
+             epilog="Examples:\n\n  privsynth sample runs/demo -n 1000 --out synth/demo\n\n"
+                    "  privsynth sample runs/demo --count 60000 --out synth/big --seed 3 "
+                    "--balanced")
 def sample(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `privsynth fit`.")],
-    n: Annotated[int, typer.Option("-n", help="Number of images to write.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="New dataset folder (never overwritten).")],
-    seed: Annotated[int, typer.Option(help="Seed for latents and labels (public randomness).")] = 0,
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", show_default=False,
+                                            help="A run folder written by `privsynth fit`.")],
+    n: Annotated[int, typer.Option("--count", "-n", metavar="N", show_default=False,
+                                   help="Number of images to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", show_default=False,
+                                      help="New dataset folder (never overwritten).")],
+    seed: Annotated[int, typer.Option(metavar="SEED", help="Seed for latents and labels (public "
+                                                         "randomness).")] = 0,
     balanced: Annotated[bool, typer.Option(help="Equal images per class instead of the noisy "
                                            "class proportions.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="Torch device for sampling (default: the "
-                                                  "run's device if present, else cpu).")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Torch device for "
+                                                  "sampling (default: the run's device if "
+                                                  "present, else cpu).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Write N synthetic images from a fitted run (no privacy cost): PNGs in class folders,
@@ -243,50 +443,65 @@ Examples:\n
 """
 
 
-@app.command(epilog=EXAMPLES_EVALUATE)
+@app.command(cls=_Command, epilog=EXAMPLES_EVALUATE)
 def evaluate(
-    synthetic: Annotated[list[Path], typer.Argument(help="Synthetic dataset folder(s) (or any image "
-                                                    "folders); several make an epsilon sweep.")],
-    real: Annotated[Path, typer.Option(help="Real images: the private training folder (memorisation "
-                                       "is measured against it) or another real reference set.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.json, report.html).")],
-    test: Annotated[Optional[Path], typer.Option(help="Real images held out from training: the "
-                                                 "classifier's test set and the memorisation "
-                                                 "baseline.")] = None,
-    val: Annotated[Optional[Path], typer.Option(help="Real images held out from training to choose "
-                                                "the classifier's epoch (default: a 10% synthetic "
-                                                "split). Never the test set.")] = None,
-    k: Annotated[int, typer.Option("--k", help="Neighbours for precision/recall.")] = 3,
-    classifier_epochs: Annotated[int, typer.Option(help="Epochs of the utility classifier "
-                                                   "(0: no classifier).")] = 10,
-    feature_space: Annotated[str, typer.Option(help="efficientnet-lite0 (offline) or inception "
-                                               "(clean-fid's InceptionV3).")] = "efficientnet-lite0",
+    synthetic: Annotated[list[Path], typer.Argument(
+        metavar="SYNTHETIC", show_default=False,
+        help="Synthetic dataset folder(s) (or any image folders); several make an epsilon sweep.")],
+    real: Annotated[Path, typer.Option(
+        metavar="FOLDER", show_default=False,
+        help="Real images: the private training folder (memorisation is measured against it) or "
+             "another real reference set.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", show_default=False,
+                                      help="Report folder (report.json, report.html).")],
+    test: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="Real images held out from "
+                                                 "training: the classifier's test set and the "
+                                                 "memorisation baseline.")] = None,
+    val: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="Real images held out from "
+                                                "training to choose the classifier's epoch "
+                                                "(default: a 10% synthetic split). Never the test "
+                                                "set.")] = None,
+    k: Annotated[int, typer.Option("--k", metavar="K", help="Neighbours for "
+                                                            "precision/recall.")] = 3,
+    classifier_epochs: Annotated[int, typer.Option(metavar="EPOCHS", help="Epochs of the utility "
+                                                   "classifier (0: no classifier).")] = 10,
+    feature_space: Annotated[str, typer.Option(metavar="SPACE", help="efficientnet-lite0 (offline) "
+                                               "or inception (clean-fid's "
+                                               "InceptionV3).")] = "efficientnet-lite0",
     inception_weights: Annotated[Optional[Path], typer.Option(
-        help="Folder or file holding inception-2015-12-05.pt (for --feature-space inception).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache, keyed by file contents "
-                                                      "(default OUT/cache). Holds statistics of the "
-                                                      "real images.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass of the feature "
-                                            "network (under torchrun, also the unit of work "
-                                            "shared among the processes).")] = 100,
+        metavar="PATH", help="Folder or file holding inception-2015-12-05.pt (for --feature-space "
+                             "inception).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="Feature cache, keyed "
+                                                      "by file contents (default OUT/cache). Holds "
+                                                      "statistics of the real images.")] = None,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Images per forward pass of the "
+                                            "feature network (under torchrun, also the unit of "
+                                            "work shared among the processes).")] = 100,
+    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Torch device for the "
+                                                  "feature network: cpu (default), cuda, cuda:1 "
+                                                  "(under torchrun, cuda is each process's own "
+                                                  "GPU). The utility classifier trains on the "
+                                                  "CPU.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Compare synthetic dataset(s) with real images: FID, KID, precision/recall, downstream
     accuracy and memorisation, in report.json and a self-contained report.html. Numbers
     computed on real images are not covered by the DP guarantee: the report is for the owner."""
-    from privsynth import distributed
+    from privsynth import distributed, run
     from privsynth import evaluate as evaluation
     from privsynth.downstream import ClassifierConfig
 
     with distributed.session():
-        bars = _Bars(sys.stderr.isatty() and not json_out and distributed.is_main())
+        # a missing CUDA device is refused here, before any image is read
+        torch_device = distributed.device(run._device(device or "cpu", explicit=True))
+        bars = _progress(json_out)
         with bars.progress:
             report = evaluation.evaluate(
                 synthetic, real, out, test=test, val=val, k=k, feature_space=feature_space,
                 classifier=ClassifierConfig(epochs=classifier_epochs) if classifier_epochs > 0 else None,
                 inception_weights=inception_weights, cache_dir=cache_dir, overwrite=overwrite,
-                batch_size=batch_size, progress=bars)
+                batch_size=batch_size, device=torch_device, progress=bars)
     if report is None:  # a torchrun process other than rank 0: rank 0 writes and reports
         return
     _emit(report, json_out, _evaluation_summary(report, Path(out)))
@@ -307,32 +522,44 @@ def _evaluation_summary(report: dict, out: Path) -> str:
     return "\n".join(lines + [f"report: {out / 'report.html'} (and report.json)"])
 
 
-@app.command(epilog="Examples:\n\n  privsynth budget\n\n  privsynth budget ./xrays --limit 8 "
-                    "--delta 1e-6\n\n  privsynth budget xrays-2024 --json")
+@app.command(cls=_Command,
+             epilog="Examples:\n\n  privsynth budget\n\n  privsynth budget ./xrays --limit 8 "
+                    "--delta 1e-6\n\n  privsynth budget xrays-2024 --json\n\n"
+                    "  privsynth budget xrays-2025 --create --limit 4 --delta 1e-6   (a --dataset "
+                    "name no fit has used yet)")
 def budget(
-    dataset: Annotated[Optional[str], typer.Argument(help="A private folder or a --dataset name; "
+    dataset: Annotated[Optional[str], typer.Argument(metavar="DATASET", show_default=False,
+                                                     help="A private folder or a --dataset name; "
                                                      "none lists every dataset.")] = None,
-    limit: Annotated[Optional[float], typer.Option(help="Set the total epsilon limit: a fit that "
-                                                   "would pass it is refused.")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="Delta at which the limit holds (default: "
-                                                   "the smallest delta of the recorded fits).")] = None,
+    limit: Annotated[Optional[float], typer.Option(metavar="EPSILON", help="Set the total epsilon "
+                                                   "limit: a fit that would pass it is refused. "
+                                                   "Not below what is already spent.")] = None,
+    delta: Annotated[Optional[float], typer.Option(metavar="DELTA", help="Delta at which the limit "
+                                                   "holds (default: the smallest delta of the "
+                                                   "recorded fits).")] = None,
     remove_limit: Annotated[bool, typer.Option("--remove-limit", help="Remove the limit.")] = False,
-    ledger: Annotated[Optional[Path], typer.Option(help="Ledger folder (default $PRIVSYNTH_LEDGER "
-                                                   "or ~/.local/share/privsynth/ledger).")] = None,
+    create: Annotated[bool, typer.Option("--create", help="Start the ledger of a dataset name that "
+                                         "no fit has used yet (to set its --limit before its "
+                                         "first fit).")] = False,
+    ledger: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="Ledger folder (default "
+                                                   "$PRIVSYNTH_LEDGER or ~/.local/share/privsynth/"
+                                                   "ledger).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Show (or limit) what fits have spent on a private dataset, all fits composed."""
     from privsynth.privacy import ledger as ledgers
 
     if dataset is None:
-        if limit is not None or remove_limit:
+        if limit is not None or remove_limit or create:
             raise typer.BadParameter("name the dataset whose limit to set", param_hint="DATASET")
         folder = ledgers.location(ledger)
         rows = [ledgers.summary(ledgers.Ledger(folder, key)) for key in ledgers.datasets(folder)]
         _emit({"ledger": str(folder), "datasets": rows}, json_out, "\n".join(
             [f"ledger: {folder}"] + ([_budget_line(r) for r in rows] or ["  (no fits recorded)"])))
         return
-    book = ledgers.open_ledger(dataset, ledger, create=limit is not None)
+    if create and limit is None:
+        raise UsageError("--create starts a ledger to set its limit: pass --limit too")
+    book = ledgers.open_ledger(dataset, ledger, create=limit is not None, new_name=create)
     if limit is not None or remove_limit:
         book.set_limit(None if remove_limit else limit, delta)
     row = ledgers.summary(book)
@@ -349,10 +576,11 @@ def _budget_line(row: dict) -> str:
             f"{at}{cap}; unit: {row['unit'] or '-'}")
 
 
-@app.command(epilog="Examples:\n\n  privsynth inspect ./xrays\n\n"
-                    "  privsynth inspect ./xrays --json | jq .rejects")
+@app.command(cls=_Command, epilog="Examples:\n\n  privsynth inspect ./xrays\n\n"
+                                  "  privsynth inspect ./xrays --json | jq .rejects")
 def inspect(
-    private: Annotated[Path, typer.Argument(help="Image folder, read as `fit` would read it.")],
+    private: Annotated[Path, typer.Argument(metavar="PRIVATE", show_default=False,
+                                            help="Image folder, read as `fit` would read it.")],
     strict: Annotated[bool, typer.Option("--strict", help="Exit 3 if any entry is rejected.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
@@ -387,9 +615,12 @@ def _describe(found: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command(epilog="Examples:\n\n  privsynth verify runs/demo\n\n  privsynth verify synth/demo")
+@app.command(cls=_Command,
+             epilog="Examples:\n\n  privsynth verify runs/demo\n\n  privsynth verify synth/demo")
 def verify(
-    path: Annotated[Path, typer.Argument(help="A run folder, a dataset folder or a certificate.json.")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", show_default=False,
+                                         help="A run folder, a dataset folder or a "
+                                              "certificate.json.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Re-check a certificate: recompute epsilon from its mechanisms and, for a dataset folder,

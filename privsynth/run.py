@@ -33,6 +33,8 @@ from privsynth.recipe import Recipe, from_dict
 Progress = Callable[[str, int, int], None]
 FIT_STATE = "fit-state.json"  # in the work folder: resolved inputs and written-ahead charges
 FIT_STATE_SCHEMA = "privsynth.fit-state/1"
+_NO_EPSILON = ("privacy.epsilon must be set (> 0): pass --epsilon or set privacy.epsilon in the "
+               "recipe")
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,8 @@ def resolve_for(recipe: Recipe, private: data.Listing) -> tuple[Recipe, str]:
         recipe = replace(recipe, privacy=replace(recipe.privacy, delta=default_delta(n)))
         rule = (f"1 / (N ln N) with N = {n} privacy units ({recipe.privacy.unit})" if private.units
                 else f"1 / (N ln N) with N = {n} private image files")
-    if recipe.privacy.epsilon <= 0:
-        raise UsageError("epsilon must be > 0: pass --epsilon or set privacy.epsilon")
+    if not recipe.privacy.epsilon > 0:
+        raise UsageError(_NO_EPSILON)
     if recipe.data.channels == "auto":
         grey = data.grey_only(private)
         recipe = replace(recipe, data=replace(recipe.data, channels="1" if grey else "3"))
@@ -119,7 +121,10 @@ def _fingerprint(listing: data.Listing) -> str:
 def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, module,
            dataset: str | None, ledger_dir: Path | None,
            strict: bool) -> tuple[data.Listing, ledgers.Ledger, Recipe, dict]:
-    """The checks before a fit (rank 0): inputs, `out`, the ledger; the fit-state document."""
+    """The checks before a fit (rank 0): inputs, `out`, the ledger; the fit-state document.
+    Nothing is written (not even PRIVATE's ledger id file) before the request is checked."""
+    if not recipe.privacy.epsilon > 0:
+        raise UsageError(_NO_EPSILON)
     if public is not None and not Path(public).exists():
         raise DataError(f"public source {public} does not exist")
     # no CUDA here, or a GPU index under torchrun: refuse before anything is spent
@@ -130,7 +135,7 @@ def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, mo
         prior = WorkState(work).load_json(FIT_STATE) if work.is_dir() else None
         if prior and prior.get("charges"):
             raise UsageError(f"{work} holds an interrupted fit of {out}: continue it with "
-                             f"`privsynth fit --resume {out}`, or delete that folder to start over "
+                             f"`privsynth resume {out}`, or delete that folder to start over "
                              "(its spend stays recorded in the ledger either way)")
         shutil.rmtree(work)  # an attempt that stopped before spending anything
     listing = data.scan(private_dir)

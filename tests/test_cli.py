@@ -1,18 +1,25 @@
 """The CLI end to end: fit -> sample -> verify -> evaluate on a tiny folder, exit codes, help."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from privsynth import cli, run
 from privsynth.cli import app
+from privsynth.privacy import ledger as ledgers
 
 runner = CliRunner()
+COMMANDS = ["fit", "resume", "sample", "evaluate", "budget", "inspect", "verify"]
 TINY = ["--set", "dpmepf.steps=3", "--set", "dpmepf.batch_per_class=2", "--set", "dpmepf.width=16",
         "--set", "data.resolution=16", "--set", "features.input_size=32"]
 
@@ -66,13 +73,16 @@ def test_a_split_fit_certifies_the_centre_and_samples_by_class(fitted: Path, tmp
     run, out = tmp_path / "split", tmp_path / "data"
     result = _fit(fitted / "private", run, "--set", "dpmepf.split_bits=1")
     assert result.exit_code == 0, result.output
+    # stderr is not a terminal here: plain progress lines, each stage's last one included
+    assert re.search(r"^training generator \(loss [^)]*\): 3/3 \[0:\d\d:\d\d\]$", result.stderr,
+                     re.M), result.stderr
     cert = json.loads((run / "certificate.json").read_text())
     assert [m["name"] for m in cert["mechanisms"]] == ["dpmepf.centre", "dpmepf.phi1",
                                                       "dpmepf.phi2", "dpmepf.counts"]
     assert 5 * (1 - 2e-3) <= cert["epsilon"]["spent"] <= 5.0
     assert any("cells" in note for note in json.dumps(cert).split("\""))
     assert runner.invoke(app, ["verify", str(run)]).exit_code == 0
-    sampled = runner.invoke(app, ["sample", str(run), "-n", "12", "--out", str(out)])
+    sampled = runner.invoke(app, ["sample", str(run), "--count", "12", "--out", str(out)])
     assert sampled.exit_code == 0, sampled.output
     classes = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert classes == sorted(p.name for p in (fitted / "private").iterdir() if p.is_dir())
@@ -166,7 +176,7 @@ def test_evaluate_names_its_feature_space(fitted: Path) -> None:
     test = make_folder(fitted / "test", per_class=6, seed=4)
     result = runner.invoke(app, ["evaluate", str(synth), "--real", str(real), "--test", str(test),
                                  "--classifier-epochs", "1", "--k", "2", "--out",
-                                 str(fitted / "report"), "--json"])
+                                 str(fitted / "report"), "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads((fitted / "report" / "report.json").read_text())
     assert json.loads(result.stdout) == report
@@ -180,14 +190,165 @@ def test_evaluate_names_its_feature_space(fitted: Path) -> None:
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def _listed_commands(help_text: str) -> list[str]:
+    """The names in the Commands section of a group's help (rich panel or click's plain list)."""
+    section = help_text.split("Commands", 1)[1]
+    return re.findall(r"^(?:│ | {2})([a-z][a-z-]*) {2,}\S", section, re.M)
+
+
 def test_help_lists_the_commands_with_examples() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("fit", "sample", "evaluate", "verify"):
-        assert command in result.output
-    for command in ("fit", "sample", "evaluate", "verify"):
+    assert _listed_commands(result.output) == COMMANDS  # names, not substrings ("fits")
+    for command in COMMANDS:
         sub = runner.invoke(app, [command, "--help"])
         assert sub.exit_code == 0 and "Examples" in sub.output
+
+
+def test_help_shows_readable_metavars_and_what_is_required() -> None:
+    import typer
+
+    group = typer.main.get_command(app)
+    for name in COMMANDS:
+        text = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+        assert not re.search(r"<(str|int|float|bool|path|list\[\w+\])>", text, re.I), (name, text)
+    fit_help = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"}).output
+    assert "KEY=VALUE" in fit_help and "[dp-mepf|privimage]" in fit_help
+    assert "privsynth resume RUN" in fit_help  # --resume points to the new command
+    fit = group.get_command(None, "fit")
+    required = {p.name for p in fit.params if p.required}
+    assert required == {"private", "out"}
+    sample = group.get_command(None, "sample")
+    count = next(p for p in sample.params if p.name == "n")
+    assert "--count" in count.opts and "-n" in count.opts and count.required
+    assert {"device", "overwrite"} <= {p.name for p in group.get_command(None, "evaluate").params}
+
+
+@pytest.mark.parametrize("args", [["fit", "x", "--out", "y", "--epsilonn", "1"], ["fitt"],
+                                  ["--bogus"], ["sample", "r"],
+                                  ["sample", "r", "-n", "x", "-o", "y"],
+                                  ["fit", "x", "--out", "y", "--method", "dpmepf"]])
+def test_usage_errors_are_one_line_on_stderr(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "╭" not in result.stderr, lines
+
+
+def test_method_is_a_choice_with_a_suggestion(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["fit", str(tmp_path), "--out", str(tmp_path / "r"),
+                                 "--epsilon", "1", "--method", "dpmepf"])
+    assert result.exit_code == 2
+    assert "did you mean 'dp-mepf'?" in result.stderr
+    assert "dp-mepf, privimage" in result.stderr
+
+
+def test_a_refused_fit_writes_nothing_into_the_private_folder(tmp_path: Path) -> None:
+    from conftest import make_folder
+
+    private = make_folder(tmp_path / "private", per_class=2)
+    before = sorted(p.name for p in private.rglob("*"))
+    book = tmp_path / "ledger"
+    base = ["fit", str(private), "--method", "dp-mepf", "--out", str(tmp_path / "r"),
+            "--ledger", str(book)]
+    missing = runner.invoke(app, base)
+    assert missing.exit_code == 2
+    assert missing.stderr.strip() == ("error: --epsilon is required (or set privacy.epsilon in "
+                                      "the recipe)")
+    zero = runner.invoke(app, [*base, "--set", "privacy.epsilon=0"])
+    assert zero.exit_code == 2 and "privacy.epsilon must be > 0" in zero.stderr
+    negative = runner.invoke(app, [*base, "--epsilon", "-1"])
+    assert negative.exit_code == 2 and "--epsilon must be > 0" in negative.stderr
+    assert sorted(p.name for p in private.rglob("*")) == before  # no .privsynth-dataset
+    assert not (private / ledgers.ID_FILE).exists()
+    assert not (tmp_path / "r").exists() and not book.exists()
+
+
+def test_resume_is_a_command_and_fit_resume_its_alias(tmp_path: Path) -> None:
+    never = tmp_path / "never"
+    for args in (["resume", str(never)], ["fit", "--resume", str(never)],
+                 ["fit", "--resume", str(never), "--json"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "nothing to resume" in result.stderr, (args, result.output)
+    mixed = runner.invoke(app, ["fit", str(tmp_path), "--resume", str(never), "--epsilon", "3",
+                                "--set", "a=b"])
+    assert mixed.exit_code == 2
+    assert "drop PRIVATE, --epsilon, --set" in mixed.stderr
+    shown = runner.invoke(app, ["fit", "--resume", str(never), "--help"])
+    assert shown.exit_code == 0 and "privsynth fit" in shown.output  # fit's help, not a resume
+
+
+def test_progress_lines_without_a_terminal_are_rate_limited(monkeypatch) -> None:
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=buffer, no_color=True, soft_wrap=True))
+    now = [100.0]
+    bars = cli._Bars(False, lines=True, every=5.0, clock=lambda: now[0])
+    for step in range(1, 101):  # 100 steps, one every 0.2 s: 20 s of training
+        now[0] += 0.2
+        bars(f"training generator (loss {1 / step:.3g})", step, 100)
+        bars("reading (pass 1)", min(step, 10), 10)
+    lines = buffer.getvalue().splitlines()
+    training = [line for line in lines if line.startswith("training generator")]
+    assert training[0] == "training generator (loss 1): 1/100 [0:00:00]"
+    assert training[-1] == "training generator (loss 0.01): 100/100 [0:00:19]"
+    assert 4 <= len(training) <= 6  # one line per 5 s, and the last
+    reading = [line for line in lines if line.startswith("reading")]
+    assert reading == ["reading (pass 1): 1/10 [0:00:00]", "reading (pass 1): 10/10 [0:00:01]"]
+
+
+def test_no_progress_lines_on_a_terminal(monkeypatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bars = cli._progress(json_out=False)
+    assert not bars.lines and not bars.progress.disable
+
+
+def test_sigterm_says_how_to_resume_and_resume_finishes(tmp_path: Path) -> None:
+    """`kill PID` (SIGTERM) during training: the fit stops as on Ctrl-C, says how to resume, and
+    `privsynth resume RUN` finishes it without spending again."""
+    from conftest import make_folder
+
+    private = make_folder(tmp_path / "p", per_class=4)
+    out, book, marker = tmp_path / "run", tmp_path / "ledger", tmp_path / "training"
+    args = ["fit", str(private), "--method", "dp-mepf", "--epsilon", "3", "--out", str(out),
+            "--ledger", str(book), *TINY]
+    code = ("import pathlib, sys, time\n"
+            "from privsynth import cli\n"
+            "from privsynth.generators import dpmepf\n"
+            "def train(*a, **k):\n"
+            f"    pathlib.Path({str(marker)!r}).touch()\n"
+            "    time.sleep(600)\n"
+            "dpmepf.Generator.train = train\n"
+            f"sys.argv = ['privsynth', *{args!r}]\n"
+            "cli.main()\n")
+    env = dict(os.environ, NO_COLOR="1")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), proc.communicate(timeout=30)[1]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert f"privsynth resume {out}" in stderr and "terminated" in stderr
+    assert not out.exists() and (run.work_folder(out) / run.FIT_STATE).is_file()
+    done = subprocess.run([sys.executable, "-m", "privsynth", "resume", str(out), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["epsilon"] <= 3.0 and (out / "model").is_dir()
+    (entry,) = json.loads(next(book.glob("*.json")).read_text())["entries"]  # spent once
+    assert entry["status"] == "completed"
 
 
 def test_subprocess_end_to_end(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ records that survive a failed fit, and `privsynth budget`. Tests never touch the
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -253,6 +254,56 @@ def test_budget_command_shows_and_limits(private, book_dir, tmp_path):
     assert row["dataset"] in listing.stdout
     bad = runner.invoke(app, ["budget", "--limit", "3"], env=env)
     assert bad.exit_code == 2
+
+
+def test_budget_refuses_an_unknown_name_and_creates_no_ledger(book_dir):
+    env = {ledgers.ENV: str(book_dir)}
+    ledgers.Ledger(book_dir, "xrays-2024").record([_one_shot("a", 2.0)], delta=1e-5, unit="image",
+                                                  run="r", method="m")
+    for args in (["xrays-2O24", "--limit", "8"], ["xrays-2O24"], ["xrays-2O24", "--remove-limit"]):
+        typo = runner.invoke(app, ["budget", *args], env=env)
+        assert typo.exit_code == 2, typo.output
+        lines = typo.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no ledger for dataset 'xrays-2O24'" in lines[0]
+        assert "did you mean 'xrays-2024'?" in lines[0] and "--create" in lines[0]
+    other = runner.invoke(app, ["budget", "chest-ct", "--limit", "8"], env=env)
+    assert other.exit_code == 2 and "known: xrays-2024" in other.stderr
+    assert ledgers.datasets(book_dir) == ["xrays-2024"]  # no ledger for either misspelt name
+    new = runner.invoke(app, ["budget", "chest-ct", "--create", "--limit", "8", "--delta", "1e-6",
+                              "--json"], env=env)
+    assert new.exit_code == 0, new.output
+    assert json.loads(new.stdout)["limit"] == {"epsilon": 8.0, "delta": 1e-6}
+    assert ledgers.datasets(book_dir) == ["chest-ct", "xrays-2024"]
+    assert runner.invoke(app, ["budget", "chest-ct"], env=env).exit_code == 0
+    alone = runner.invoke(app, ["budget", "lung", "--create"], env=env)
+    assert alone.exit_code == 2 and "--limit" in alone.stderr
+
+
+def test_a_limit_below_the_spend_is_refused(book_dir):
+    book = ledgers.Ledger(book_dir, "spent")
+    book.record([_one_shot("a", 1.0)], delta=1e-5, unit="image", run="r", method="m")
+    spent = book.spent()[0]
+    with pytest.raises(UsageError, match="already spent"):
+        book.set_limit(spent / 2, 1e-5)
+    assert book.read()["limit"] is None  # nothing written
+    env = {ledgers.ENV: str(book_dir)}
+    low = runner.invoke(app, ["budget", "spent", "--limit", "0.5"], env=env)
+    assert low.exit_code == 2 and len(low.stderr.strip().splitlines()) == 1
+    suggested = re.search(r"--limit (\S+) or more", low.stderr).group(1)
+    assert float(suggested) >= spent and f"epsilon={spent:.4g}" in low.stderr
+    assert book.read()["limit"] is None
+    ok = runner.invoke(app, ["budget", "spent", "--limit", suggested], env=env)
+    assert ok.exit_code == 0, ok.output
+    book.set_limit(spent, 1e-5)  # exactly the spend: allowed, and it stops any further fit
+    with pytest.raises(BudgetError):
+        book.check((), delta=None, unit="image")
+
+
+def test_a_fit_refused_for_its_epsilon_writes_no_ledger_id(private, book_dir, tmp_path):
+    with pytest.raises(UsageError, match="privacy.epsilon must be set"):
+        run.fit(private, None, resolve(TINY), tmp_path / "r", ledger_dir=book_dir)
+    assert not (private / ledgers.ID_FILE).exists() and not book_dir.exists()
+    assert not (tmp_path / "r").exists()
 
 
 def test_kill_9_after_charging_leaves_the_spend_on_the_record(private, book_dir, tmp_path):

@@ -57,13 +57,13 @@ def test_interrupted_fit_resumes_without_spending_again(tmp_path: Path, monkeypa
     out, ledger = tmp_path / "run", tmp_path / "l2"
     cut = runner.invoke(app, _fit_args(private, out, ledger, 12, 0))
     assert cut.exit_code == 130
-    assert "privsynth fit --resume" in cut.output
+    assert "privsynth resume" in cut.output
     work = run.work_folder(out)
     assert not out.exists() and (work / run.FIT_STATE).is_file()
     assert [e["status"] for e in _ledger(ledger)["entries"]] == ["failed"]
 
     refused = runner.invoke(app, _fit_args(private, out, ledger, 12, 0))
-    assert refused.exit_code == 2 and "--resume" in refused.output
+    assert refused.exit_code == 2 and "privsynth resume" in refused.output
 
     monkeypatch.setattr(convgen.ConvGenerator, "forward", forward)
     resumed = runner.invoke(app, ["fit", "--resume", str(out), "--json"])
@@ -238,7 +238,7 @@ def test_privimage_resumes_with_the_steps_left_and_never_releases_twice(
     monkeypatch.setattr(mechanisms.GaussianSum, "release", counted_release)
     out, ledger = tmp_path / "run", tmp_path / "ledger"
     cut = runner.invoke(app, _privimage_args(demo_slice, out, ledger, T, 0))
-    assert cut.exit_code == 130 and "privsynth fit --resume" in cut.output
+    assert cut.exit_code == 130 and "privsynth resume" in cut.output
     work = run.work_folder(out)
     saved = WorkState(work)
     assert released == ["privimage.query"] and saved.load("dpsgd")["steps_done"] == 2

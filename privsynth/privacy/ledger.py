@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import difflib
 import json
+import math
 import os
 import re
 import secrets
@@ -130,7 +132,10 @@ class Ledger:
         return epsilon(history, delta, state.get("accountant", ACCOUNTANT)), delta
 
     def set_limit(self, eps: float | None, delta: float | None) -> dict:
-        """Set (or with eps=None remove) the owner's total limit; returns the new state."""
+        """Set (or with eps=None remove) the owner's total limit; returns the new state.
+
+        A limit below what the recorded fits have already spent (at the limit's delta) is
+        refused: it could never hold. A limit equal to the spend stops any further fit."""
         if eps is not None and not (0 < eps < float("inf")):
             raise UsageError(f"the limit epsilon must be a positive number, got {eps}")
         if delta is not None and not 0 < delta < 1:
@@ -141,6 +146,14 @@ class Ledger:
                 state["limit"]["delta"] = _ledger_delta(state, None)
             if eps is not None and state["limit"]["delta"] is None:
                 raise UsageError("pass --delta with --limit: no fit has recorded a delta yet")
+            if eps is not None and state["entries"]:
+                spent, at = self.spent(state)
+                if eps < spent:
+                    raise UsageError(
+                        f"dataset {self.key} has already spent epsilon={spent:.4g} (delta "
+                        f"{at:.3g}) in {len(state['entries'])} fit(s): a limit of {eps:g} could "
+                        f"never hold; pass --limit {_round_up(spent)} or more (that much stops "
+                        "further fits)")
             return state
 
     def check(self, charges: Sequence[Charge], *, delta: float | None, unit: str) -> None:
@@ -219,16 +232,51 @@ def _ledger_delta(state: dict, extra: float | None) -> float | None:
     return min(deltas) if deltas else None
 
 
+def _round_up(eps: float) -> str:
+    """`eps` written with 4 significant digits, rounded up (so it is not below `eps`)."""
+    text = f"{eps:.4g}"
+    step = 10 ** (math.floor(math.log10(eps)) - 3) if eps > 0 else 0
+    return text if float(text) >= eps else f"{float(text) + step:.4g}"
+
+
 def datasets(folder: Path) -> list[str]:
     """Keys of every dataset with a ledger in `folder`."""
     return sorted(p.stem for p in Path(folder).glob("*.json") if not p.name.startswith("."))
 
 
-def open_ledger(dataset: str, folder: Path | None = None, *, create: bool = False) -> Ledger:
-    """The ledger of `dataset`: a private folder (its id file) or a dataset name."""
+def open_ledger(dataset: str, folder: Path | None = None, *, create: bool = False,
+                new_name: bool = False) -> Ledger:
+    """The ledger of `dataset`: a private folder (its id file) or a dataset name.
+
+    A folder without an id file gets one only with `create`. A name must already have a ledger
+    in the folder (a fit with `--dataset NAME` starts it), unless `new_name`: a misspelt name
+    must not silently start an empty ledger (and a limit that guards nothing)."""
     path = Path(dataset)
-    key = dataset_key(path, create=create) if path.is_dir() else dataset_key(None, dataset)
-    return Ledger(location(folder), key)
+    if path.is_dir():
+        return Ledger(location(folder), dataset_key(path, create=create))
+    if not _NAME.fullmatch(dataset):
+        raise UsageError(f"{dataset!r} is neither a folder nor a dataset name (1-64 letters, "
+                         "digits, '.', '_' or '-')")
+    book = Ledger(location(folder), dataset_key(None, dataset))
+    if not new_name and not book.path.exists():
+        raise UsageError(_unknown(dataset, book.folder))
+    return book
+
+
+def _unknown(name: str, folder: Path) -> str:
+    """Why `name` has no ledger in `folder`: the close or known names, and how to start one."""
+    known = datasets(folder)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        others = f"did you mean {close[0]!r}?"
+    elif known:
+        shown = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        others = f"known: {shown}"
+    else:
+        others = "it holds no dataset yet"
+    return (f"no ledger for dataset {name!r} in {folder} ({others}); a name's ledger starts with "
+            f"its first `privsynth fit ... --dataset {name}`, or pass --create to set its limit "
+            "before that")
 
 
 def summary(ledger: Ledger) -> dict:
