@@ -464,7 +464,8 @@ def evaluate(
     k: Annotated[int, typer.Option("--k", metavar="K", help="Neighbours for "
                                                             "precision/recall.")] = 3,
     classifier_epochs: Annotated[int, typer.Option(metavar="EPOCHS", help="Epochs of the utility "
-                                                   "classifier (0: no classifier).")] = 10,
+                                                   "classifier (0: no classifier, no label "
+                                                   "agreement).")] = 10,
     feature_space: Annotated[str, typer.Option(metavar="SPACE", help="efficientnet-lite0 (offline) "
                                                "or inception (clean-fid's "
                                                "InceptionV3).")] = "efficientnet-lite0",
@@ -486,8 +487,9 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Compare synthetic dataset(s) with real images: FID, KID, precision/recall, downstream
-    accuracy and memorisation, in report.json and a self-contained report.html. Numbers
-    computed on real images are not covered by the DP guarantee: the report is for the owner."""
+    accuracy, label agreement and memorisation, in report.json and a self-contained report.html.
+    Numbers computed on real images are not covered by the DP guarantee: the report is for the
+    owner."""
     from privsynth import distributed, run
     from privsynth import evaluate as evaluation
     from privsynth.downstream import ClassifierConfig
@@ -515,6 +517,8 @@ def _evaluation_summary(report: dict, out: Path) -> str:
         extra = ""
         if "utility" in run:
             extra += f" accuracy={run['utility']['accuracy']:.4f}"
+        if "label_agreement" in run:
+            extra += f" label-agreement={run['label_agreement']['agreement']:.4f}"
         if "memorisation" in run:
             extra += f" near-copies={run['memorisation']['suspicious_fraction']:.2%}"
         lines.append(f"  {run['name']}: {eps}FID={run['fid']:.4g} precision={run['precision']:.3f} "

@@ -2,7 +2,9 @@
 
 Per synthetic set ("run"; several runs make an epsilon sweep): FID and KID by clean-fid's rules,
 k-NN precision/recall and, given held-out real images (`test`), memorisation scores and the
-accuracy of a classifier trained on the synthetic set (downstream.py), all in one feature space.
+accuracy of a classifier trained on the synthetic set (downstream.py), all in one feature space;
+given labelled sets, the label agreement: the share of synthetic images that a classifier trained
+on the real images puts in their intended class.
 
 Pipeline, the same for every set:
 1. `data.scan`, then decoding by data.py's rules as RGB (grey repeated) at one resolution R: the
@@ -11,7 +13,7 @@ Pipeline, the same for every set:
 2. clean-fid's "clean" resize to the feature network's input size, batched features (fidelity.py;
    the feature spaces and why, there).
 3. FID, KID (fidelity.py), k-NN precision/recall and memorisation (manifold.py) from the features;
-   the classifier (downstream.py) from the pixels.
+   the classifiers (downstream.py) from the pixels.
 
 Each image set is decoded and encoded once, in batches, and its features cached by content hash
 in `cache_dir` (default `out/cache`): a second report on the same files reads them back.
@@ -26,6 +28,7 @@ folder (and `cache_dir`), never to clean-fid's package folder or the temp folder
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,8 +43,8 @@ import torch
 from PIL import Image
 
 from privsynth import __version__, distributed, downstream, manifold
-from privsynth.data import Listing, load, scan
-from privsynth.downstream import ClassifierConfig
+from privsynth.data import Listing, grey_only, load, scan
+from privsynth.downstream import ClassifierConfig, accuracy, describe, train_classifier
 from privsynth.errors import DataError, UsageError
 from privsynth.files import sha256_of
 from privsynth.fidelity import (FEATURE_SPACES, INCEPTION_FILE, INCEPTION_URL,  # noqa: F401
@@ -55,8 +58,15 @@ REPORT, HTML = "report.json", "report.html"
 GRID_PER_CLASS, GRID_CLASSES = 8, 20  # sample grids in the HTML
 # Per-run fields computed from the real images without DP (`not_covered`); `synthetic`,
 # `privacy` (read from the DP certificate) and `notes` are not.
-RUN_NOT_COVERED = ("fid", "kid", "per_class_fid", "precision", "recall", "memorisation", "utility")
+RUN_NOT_COVERED = ("fid", "kid", "per_class_fid", "precision", "recall", "memorisation", "utility",
+                   "label_agreement")
 MEMORISATION_LABEL = "computed on private data, not covered by the DP guarantee, owner only"
+# Label agreement's judge: a SmallCNN trained on the --real images with downstream.py's loop, kept
+# cheap (a few epochs on at most AGREEMENT_MAX_TRAIN images; about 2 s for 450 MNIST digits on one
+# core, held-out accuracy about 0.9), its epoch chosen on --val or on a seeded split of --real.
+AGREEMENT_EPOCHS, AGREEMENT_LR, AGREEMENT_MAX_TRAIN, AGREEMENT_CHUNK = 5, 3e-3, 10_000, 1000
+AGREEMENT_WHAT = ("share of synthetic images that a classifier trained on the --real images puts in "
+                  "their intended (synthetic) class; chance is 1 / the number of real classes")
 OWNER_ONLY = ("Every number listed in not_covered_by_dp was computed from the real images without "
               "differential privacy: this report is for the data owner only; do not publish it "
               "when the real images are private.")
@@ -244,6 +254,105 @@ def _memorisation(syn: _Encoded, rea: _Encoded, hold: _Encoded, a: Listing, b: L
             "holdout": "the --test images", "space": "feature space (Euclidean)", **mem}
 
 
+def _pixels(listing: Listing, rows: Sequence[int] | None, resolution: int, channels: int,
+            classes: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of `rows` of `listing` that decode, with labels indexing `classes` by class name."""
+    index = {name: i for i, name in enumerate(classes)}
+    kept, images = read_rows(listing, resolution, rows, channels)
+    labels = [index[listing.classes[listing.labels[r]]] for r in kept.tolist()]
+    return images, torch.tensor(labels, dtype=torch.long)
+
+
+def _judges(other: Listing | None, real: Listing) -> bool:
+    """Whether `other` is labelled with class names the real-trained classifier knows."""
+    return other is not None and other.labelled and set(other.classes) <= set(real.classes)
+
+
+def _train_judge(real: Listing, val: Listing | None, test: Listing | None, resolution: int,
+                 config: ClassifierConfig, progress: Progress | None) -> dict:
+    """The label-agreement classifier: downstream.train_classifier on the --real images (at most
+    AGREEMENT_MAX_TRAIN, a seeded choice), its epoch chosen on --val when that is labelled with
+    real class names, else on a seeded VAL_FRACTION split of --real left out of training; its
+    held-out accuracy on --test when labelled likewise (never used to choose), else on that
+    validation set. {"model", "channels", "entry"}, or {"skipped": why}."""
+    channels = 1 if grey_only(real) else 3
+    order = torch.randperm(len(real.files),
+                           generator=torch.Generator().manual_seed(config.seed)).numpy()
+    if _judges(val, real):
+        train_rows = order[:AGREEMENT_MAX_TRAIN]
+        vx, vy = _pixels(val, None, resolution, channels, real.classes)
+        chosen_on = "the --val images"
+    else:
+        cut = max(1, round(downstream.VAL_FRACTION * len(order)))
+        train_rows = order[cut:cut + AGREEMENT_MAX_TRAIN]
+        vx, vy = _pixels(real, np.sort(order[:cut]), resolution, channels, real.classes)
+        chosen_on = (f"a seeded {downstream.VAL_FRACTION:.0%} split of the --real images (seed "
+                     f"{config.seed}) left out of training")
+    x, y = _pixels(real, np.sort(train_rows), resolution, channels, real.classes)
+    if len(x) < 1 or len(vx) < 1:
+        return {"skipped": "no label_agreement: too few readable --real images to train and "
+                           "validate its classifier"}
+    recipe = replace(config, epochs=min(config.epochs, AGREEMENT_EPOCHS), lr=AGREEMENT_LR,
+                     batch_size=min(config.batch_size, max(16, len(x) // 32)))
+    say = (lambda what, done, total: progress(f"label-agreement {what}", done, total)
+           ) if progress else None
+    model, curve = train_classifier(x, y, vx, vy, classes=len(real.classes), config=recipe,
+                                    progress=say)
+    best = int(np.argmax(curve))  # the first best epoch, the one train_classifier kept
+    entry = {"trained_on": "the --real images", "train_images": len(x),
+             "selected_epoch": best + 1, "selected_on": chosen_on, "validation_images": len(vx),
+             "validation_accuracy": curve[best], "validation_curve": curve}
+    if _judges(test, real):
+        tx, ty = _pixels(test, None, resolution, channels, real.classes)
+        entry |= {"held_out_accuracy": accuracy(model, tx, ty), "held_out_images": len(tx),
+                  "held_out_on": "the --test images (never used to choose)"}
+    else:
+        entry |= {"held_out_accuracy": curve[best], "held_out_images": len(vx),
+                  "held_out_on": f"{chosen_on} (it also chose the epoch: slightly optimistic)"}
+    entry |= {"resolution": resolution, "channels": channels,
+              "architecture": describe(channels, len(real.classes), recipe.width),
+              "recipe": {**recipe.to_dict(), "optimizer": "Adam, cosine learning-rate decay per "
+                         "step", "loss": "cross-entropy", "augmentation": "none"}}
+    return {"model": model, "channels": channels, "entry": entry}
+
+
+def _label_agreement(listing: Listing, real: Listing, resolution: int, opts: dict) -> dict:
+    """Share of the synthetic images the real-trained classifier puts in their own class, overall
+    and per class; {"skipped": why} when the labels or options do not allow it."""
+    config = opts["classifier"]
+    if config is None or config.epochs < 1:
+        return {"skipped": "no label_agreement: the classifier was switched off"}
+    if not listing.labelled or not real.labelled:
+        return {"skipped": "no label_agreement: it needs both the synthetic and the --real set "
+                           "labelled (the " + ("synthetic" if not listing.labelled else "--real")
+                           + " set is unlabelled)"}
+    if len(real.classes) < 2:
+        return {"skipped": "no label_agreement: the --real set has a single class"}
+    missing = sorted(set(listing.classes) - set(real.classes))
+    if missing:
+        return {"skipped": f"no label_agreement: synthetic classes {missing} are not --real "
+                           f"classes (class names must match)"}
+    judge = opts["judge"]()
+    if "skipped" in judge:
+        return judge
+    correct, count = np.zeros(len(real.classes)), np.zeros(len(real.classes), dtype=np.int64)
+    for start in range(0, len(listing.files), AGREEMENT_CHUNK):  # memory: one chunk of pixels
+        rows = range(start, min(start + AGREEMENT_CHUNK, len(listing.files)))
+        x, y = _pixels(listing, rows, resolution, judge["channels"], real.classes)
+        for c in y.unique().tolist():
+            mine = y == c
+            n = int(mine.sum())
+            correct[c] += round(accuracy(judge["model"], x[mine], y[mine]) * n)
+            count[c] += n
+    if not count.sum():
+        return {"skipped": "no label_agreement: no synthetic image could be read"}
+    per_class = {real.classes[c]: {"agreement": float(correct[c] / count[c]),
+                                   "images": int(count[c])} for c in np.flatnonzero(count).tolist()}
+    return {"agreement": float(correct.sum() / count.sum()), "what": AGREEMENT_WHAT,
+            "chance": 1 / len(real.classes), "images": int(count.sum()), "per_class": per_class,
+            "classifier": judge["entry"]}
+
+
 def _privacy_of(folder: Path) -> dict | None:
     """epsilon/delta from the certificate.json that `privsynth sample` copies into its dataset."""
     try:
@@ -268,6 +377,11 @@ def _run(listing: Listing, syn: _Encoded, sets: _Sets, real: tuple[Listing, _Enc
     run = {"name": opts["names"][listing.root], "privacy": _privacy_of(listing.root),
            "synthetic": _set_entry(listing, syn),
            **_fidelity(syn, real[1], listing, real[0], opts["k"])}
+    agreement = _label_agreement(listing, real[0], sets.resolution, opts)
+    if "skipped" in agreement:
+        run["notes"].append(agreement["skipped"])
+    else:
+        run["label_agreement"] = agreement
     if test is None:
         run["notes"].append("no memorisation or utility: they need --test (real images held out "
                             "from the private training images)")
@@ -332,7 +446,10 @@ def evaluate(synthetic: Path | Sequence[Path], real: Path, out: Path, *, test: P
     names = {s.root: s.root.name for s in runs}  # folder names, or paths where those repeat
     if len(set(names.values())) < len(runs):
         names = {s.root: str(s.root) for s in runs}
-    opts = {"k": k, "classifier": classifier, "progress": progress, "names": names}
+    opts = {"k": k, "classifier": classifier, "progress": progress, "names": names,
+            "judge": functools.cache(lambda: _train_judge(  # trained once, when a run needs it
+                listings["real"], listings.get("val"), listings.get("test"), resolution,
+                classifier, progress))}
     report = {"schema": SCHEMA, "feature_space": space.describe(), "resolution": resolution,
               "real": _set_entry(listings["real"], real_found)}
     if test:

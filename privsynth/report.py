@@ -141,9 +141,10 @@ def _summary(report: dict, mark: _Marks) -> str:
                      cell("kid", run["kid"]["mean"]), cell("precision", run["precision"]),
                      cell("recall", run["recall"]),
                      cell("utility", run.get("utility", {}).get("accuracy")),
+                     cell("label_agreement", run.get("label_agreement", {}).get("agreement")),
                      cell("memorisation", run.get("memorisation", {}).get("suspicious_fraction"))])
     return _table(rows, ["run", "epsilon", "FID", "KID", "precision", "recall",
-                         "test accuracy", "suspicious near-copies"])
+                         "test accuracy", "label agreement", "suspicious near-copies"])
 
 
 def _sweep(report: dict) -> str:
@@ -159,6 +160,10 @@ def _sweep(report: dict) -> str:
     if all("utility" in r for r in runs):
         plots.append(line_svg({"accuracy": [(e, r["utility"]["accuracy"]) for e, r in zip(eps, runs)]},
                               "epsilon", "test accuracy", logx))
+    if all("label_agreement" in r for r in runs):
+        plots.append(line_svg({"agreement": [(e, r["label_agreement"]["agreement"])
+                                             for e, r in zip(eps, runs)]},
+                              "epsilon", "label agreement", logx))
     return ("<h2>Quality against epsilon</h2><p class=muted>One point per run; epsilon from each "
             "synthetic set's certificate.json. All values not DP (computed on real images).</p>"
             + "".join(plots))
@@ -180,6 +185,19 @@ def _utility(u: dict, mark: str) -> str:
                        "epoch", "validation accuracy")
             + f"<p class=muted>{_e(u['architecture'])}. Recipe: "
             + ", ".join(f"{_e(k)}={_e(v)}" for k, v in u["recipe"].items()) + ".</p>")
+
+
+def _label_agreement(a: dict, mark: str) -> str:
+    j = a["classifier"]
+    return (f"<h3>Label agreement{mark}</h3><p>Label agreement <b>{a['agreement']:.4f}</b> on "
+            f"{a['images']} synthetic images (chance {a['chance']:.3g}): the {_e(a['what'])}.</p>"
+            + _table([[_e(k), _num(v["agreement"]), _num(v["images"])]
+                      for k, v in a["per_class"].items()], ["class", "agreement", "images"])
+            + f"<p class=muted>Classifier trained on {j['train_images']} real images; held-out "
+            f"accuracy {j['held_out_accuracy']:.4f} on {j['held_out_images']} images of "
+            f"{_e(j['held_out_on'])}; epoch {j['selected_epoch']} chosen on "
+            f"{_e(j['selected_on'])}. {_e(j['architecture'])}. Recipe: "
+            + ", ".join(f"{_e(k)}={_e(v)}" for k, v in j["recipe"].items()) + ".</p>")
 
 
 def _memorisation(m: dict, pairs: list, mark: str) -> str:
@@ -211,6 +229,8 @@ def _run(i: int, run: dict, report: dict, gallery: dict, mark: _Marks) -> str:
             [[_e(k), _num(v)] for k, v in run["per_class_fid"].items()], ["class", "FID"]))
     if "utility" in run:
         out.append(_utility(run["utility"], mark(p + ".utility")))
+    if "label_agreement" in run:
+        out.append(_label_agreement(run["label_agreement"], mark(p + ".label_agreement")))
     if "memorisation" in run:
         out.append(_memorisation(run["memorisation"], gallery["pairs"][i], mark(p + ".memorisation")))
     out += [f"<p class=muted>Note: {_e(n)}</p>" for n in run["notes"]]

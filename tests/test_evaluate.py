@@ -46,6 +46,26 @@ def image_set(root: Path, per_class: int = 12, seed: int = 0, labelled: bool = T
     return root
 
 
+def stripes(root: Path, per_class: int, seed: int = 0) -> Path:
+    """Grey 28x28 noisy stripes, classes 'across' (horizontal) and 'down' (vertical), with a
+    metadata.jsonl: a task a small CNN learns in a few epochs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in ("across", "down"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            period, phase = rng.integers(4, 8), rng.integers(0, 8)
+            wave = (np.arange(28) + phase) % period < period // 2
+            img = np.where(wave[:, None] if name == "across" else wave[None, :], 180, 30)
+            img = (img + rng.integers(0, 60, size=(28, 28))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img, "L").save(root / name / f"{i:03d}.png")
+            rows.append({"file_name": f"{name}/{i:03d}.png", "label": name})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
 def tiny_space(*_: object, **__: object) -> ev.FeatureSpace:
     """A cheap stand-in feature network: means of 4x4 blocks of an 8x8 resize (12 features)."""
     return ev.FeatureSpace("tiny", "4x4 block means", 8, "0" * 64,
@@ -312,6 +332,7 @@ def test_every_value_that_depends_on_real_images_is_declared_not_covered(
     assert set(declared) == {"real", "test"} | {f"runs[0].{k}" for k in ev.RUN_NOT_COVERED}
     assert all(k in run for k in ev.RUN_NOT_COVERED)
     assert run["memorisation"]["label"] == ev.MEMORISATION_LABEL
+    assert run["label_agreement"]["classifier"]["held_out_on"].startswith("the --test images")
     assert run["privacy"] == {"epsilon": 3.0, "delta": 1e-5, "accountant": None}
     html_text = (tmp_path / "out1" / "report.html").read_text()
     assert html_text.count(">not DP</span>") >= len(declared) and ev.MEMORISATION_LABEL in html_text
@@ -350,6 +371,63 @@ def test_utility_never_looks_at_the_test_set_to_choose(tmp_path: Path) -> None:
     assert "star" in utility(synthetic, other, None, resolution=28, config=config)["skipped"]
 
 
+def test_label_agreement_is_high_for_true_labels_and_chance_for_shuffled_ones(
+        tmp_path: Path, tiny: None) -> None:
+    # Synthetic sets that are copies of the real images: one with their true labels, one where
+    # every second image of each class carries the other class's label (a perfect judge: 1/2).
+    import shutil
+
+    real = stripes(tmp_path / "real", per_class=50)
+    true, shuffled = (shutil.copytree(real, tmp_path / name) for name in ("true", "shuffled"))
+    rows = [json.loads(line) for line in (real / "metadata.jsonl").read_text().splitlines()]
+    other = {"across": "down", "down": "across"}
+    for i, row in enumerate(sorted(rows, key=lambda r: (r["label"], r["file_name"]))):
+        row["label"] = other[row["label"]] if i % 2 else row["label"]
+    (shuffled / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls: list[tuple] = []
+    report = ev.evaluate([true, shuffled], real, tmp_path / "out", k=3,
+                         classifier=ClassifierConfig(epochs=8, width=8),
+                         progress=lambda *a: calls.append(a))
+    good, bad = (r["label_agreement"] for r in report["runs"])
+    judge = good["classifier"]
+    assert judge == bad["classifier"]  # trained once, on the real images
+    assert sum(1 for c in calls if c[0].startswith("label-agreement classifier")) == 5  # epochs capped
+    assert judge["train_images"] == 90 and judge["validation_images"] == 10
+    assert "split of the --real images" in judge["selected_on"] and judge["recipe"]["epochs"] == 5
+    assert judge["held_out_accuracy"] >= 0.75, judge  # the judge is worth listening to
+    assert good["agreement"] >= 0.9 and good["images"] == 100 and good["chance"] == 0.5
+    assert set(good["per_class"]) == {"across", "down"}
+    assert all(v["agreement"] >= 0.8 and v["images"] == 50 for v in good["per_class"].values())
+    assert abs(bad["agreement"] - 0.5) <= 0.15, bad["agreement"]
+    assert {"runs[0].label_agreement", "runs[1].label_agreement"} <= set(report["not_covered_by_dp"])
+    page = (tmp_path / "out" / "report.html").read_text()
+    section = page[page.index("<h3>Label agreement"):]
+    assert section.index(">not DP</span>") < section.index("</h3>")
+    assert "trained on the --real images" in section and "held-out accuracy" in section
+    from privsynth.cli import _evaluation_summary
+
+    assert "label-agreement=" in _evaluation_summary(report, tmp_path / "out").splitlines()[1]
+
+
+def test_label_agreement_is_omitted_with_a_reason_without_matching_labels(
+        tmp_path: Path, tiny: None) -> None:
+    real = image_set(tmp_path / "real", seed=1)
+    unlabelled = image_set(tmp_path / "flat", labelled=False)
+    stars = make_folder(tmp_path / "stars", classes=("circle", "star"))
+    report = ev.evaluate([unlabelled, stars], real, tmp_path / "out")
+    for i, why in enumerate(("the synthetic set is unlabelled", "['star'] are not --real classes")):
+        run = report["runs"][i]
+        assert "label_agreement" not in run and f"runs[{i}].label_agreement" not in (
+            report["not_covered_by_dp"])
+        assert any(n.startswith("no label_agreement") and why in n for n in run["notes"]), run["notes"]
+    flat_real = ev.evaluate(image_set(tmp_path / "s", seed=2), unlabelled, tmp_path / "out2")
+    assert any("the --real set is unlabelled" in n for n in flat_real["runs"][0]["notes"])
+    off = ev.evaluate(image_set(tmp_path / "s2", seed=3), real, tmp_path / "out3", classifier=None)
+    assert any("switched off" in n for n in off["runs"][0]["notes"])
+    assert "label_agreement" not in off["runs"][0]
+    assert "no label_agreement" in (tmp_path / "out3" / "report.html").read_text()
+
+
 def test_an_epsilon_sweep_is_plotted(tmp_path: Path, tiny: None) -> None:
     real = make_folder(tmp_path / "real", seed=1)
     runs = []
@@ -363,8 +441,8 @@ def test_an_epsilon_sweep_is_plotted(tmp_path: Path, tiny: None) -> None:
     assert any("need --test" in n for n in report["runs"][0]["notes"])
     page = (tmp_path / "out" / "report.html").read_text()
     sweep = page[page.index("Quality against epsilon"):page.index("Image sets")]
-    assert sweep.count("<svg") == 2 and "epsilon (log)" in sweep
-    assert sweep.count("<circle") == 3 * 3  # FID, precision, recall: one dot per run
+    assert sweep.count("<svg") == 3 and "epsilon (log)" in sweep
+    assert sweep.count("<circle") == 4 * 3  # FID, precision, recall, label agreement: per run
     from privsynth.cli import _evaluation_summary
 
     lines = _evaluation_summary(report, tmp_path / "out").splitlines()
