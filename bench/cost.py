@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from privsynth.generators import privimage, unet
+from privsynth.generators import privimage
+from privsynth.generators.privimage import unet
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy.dpsgd import DPSGD, PerSampleGradients, clipped_sum
 
@@ -21,7 +22,7 @@ MODES = ("functorch", "vmap", "hooks", "ew", "ghost")
 
 
 def _model(args) -> torch.nn.Module:
-    cfg = privimage.Config()
+    cfg = privimage.Config(draft="none", strength=1.0)
     gen = privimage.Generator(cfg, resolution=args.resolution, channels=args.channels)
     torch.manual_seed(0)
     return unet.build(gen._unet(10)).to(args.device)

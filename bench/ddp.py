@@ -74,14 +74,16 @@ def worker(argv: list[str]) -> None:
 
     from privsynth import distributed
     from privsynth.data import ImageSet
-    from privsynth.generators import finetune, pretrain, privimage
+    from privsynth.generators import privimage
+    from privsynth.generators.privimage import finetune, pretrain
     from privsynth.privacy import Budget, Charge
 
     args = _parser().parse_args(argv)
     with distributed.session():
         cfg = privimage.Config(width=args.width, pretrain_batch=args.batch,
                                pretrain_steps=args.pretrain_steps, dp_batch=args.batch,
-                               physical_batch=args.physical_batch, dp_steps=args.dp_steps)
+                               physical_batch=args.physical_batch, dp_steps=args.dp_steps,
+                               draft="none", strength=1.0)
         device = distributed.device(args.device)
         unet_shape = privimage.Generator(cfg, resolution=args.resolution, channels=1)._unet(10)
         g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,16 +137,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or not key.strip():
             raise UsageError(f"--set expects key=value (e.g. dpmepf.steps=500), got {item!r}")
         parts = key.strip().split(".")
-        if len(parts) > 2:
-            raise UsageError(f"--set key {key!r}: use 'section.key' or 'method'")
         value = _literal(text.strip())
-        if len(parts) == 1:
-            out[parts[0]] = value
-        else:
-            section = out.setdefault(parts[0], {})
-            if not isinstance(section, dict):
-                raise UsageError(f"--set {key}: {parts[0]!r} is not a section")
-            section[parts[1]] = value
+        table = out
+        for depth, part in enumerate(parts[:-1]):  # section, then sub-tables
+            inner = table.get(part, {})
+            if not isinstance(inner, dict):
+                raise UsageError(f"--set {key}: {'.'.join(parts[:depth + 1])!r} is not a section")
+            table[part] = dict(inner)  # a copy: the caller's table stays as it was
+            table = table[part]
+        table[parts[-1]] = value
     return out
 
 
@@ -196,6 +195,8 @@ def _build(cls: type, values: Any, section: str) -> Any:
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
+    if is_dataclass(kind):  # a sub-table, e.g. [privimage.dpmepf]
+        return _build(kind, value, where)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -80,12 +80,12 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
     a fit that would take the dataset past the owner's limit. The fit works in `.OUT.work`; if it
     is interrupted after charging, that folder stays so that `resume(out)` can finish the run.
 
-    Under torchrun, a method with DATA_PARALLEL trains on every rank (each reads the private
+    Under torchrun, a method whose `data_parallel(config)` is true trains on every rank (each reads the private
     folder at the path rank 0 resolved, and must list the same files there); other methods fit
     on rank 0 alone. Only rank 0 touches the ledger and `out`; the other ranks return None.
     """
     module = method_module(recipe.method)
-    if not getattr(module, "DATA_PARALLEL", False) and distributed.world() > 1:
+    if not _data_parallel(module, recipe) and distributed.world() > 1:
         return _alone(lambda: fit(private_dir, public, recipe, out, progress=progress,
                                   dataset=dataset, ledger_dir=ledger_dir, strict=strict))
     listing, ledger, recipe, doc = distributed.on_main(
@@ -98,6 +98,12 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
         f"the processes list different files in {doc['private_dir']}: every node needs the same "
         "private folder at that path"))
     return _fit(listing, recipe, out, module, ledger, doc, progress)
+
+
+def _data_parallel(module, recipe: Recipe) -> bool:
+    """Whether every torchrun rank trains on its share for this recipe (the method says)."""
+    check = getattr(module, "data_parallel", None)
+    return bool(check(recipe.generator)) if check else False
 
 
 def _alone(call: Callable[[], FitResult]) -> FitResult | None:
@@ -343,10 +349,9 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     cert = certificate.load(run)
     recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
                         if k != "public"})
-    extra = {}
-    if "judge" in json.loads((run / "model" / "config.json").read_text()):  # dpmepf.judge
-        extra["encoder"] = encoder_for(recipe)  # the label filter reads the run's feature rows
-    sampler = method_module(recipe.method).Sampler.load(run / "model", **extra).to(
+    kind = method_module(recipe.method).Sampler
+    extra = {"encoder": encoder_for(recipe)} if kind.needs_encoder(run / "model") else {}
+    sampler = kind.load(run / "model", **extra).to(
         distributed.device(_device(device or recipe.run.device, explicit=device is not None)))
     with torch.inference_mode():
         part = sampler.sample(n, seed=seed, balanced=balanced,
@@ -357,12 +362,7 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     card = {"method": recipe.method, "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
             "run": run.name, "seed": seed, "images": n}
-    if getattr(sampler, "judges", None):  # dp-mepf label filters: post-processing, recorded
-        counted = f" ({sampler.rejected} draws rejected)" if distributed.world() == 1 else ""
-        names = " and ".join(sorted(sampler.judges))
-        card["label filter"] = (f"images that a DP-SGD classifier of the run ({names}) assigns "
-                                f"to another class were redrawn, up to {sampler.rounds} "
-                                f"times{counted}")
+    card.update(sampler.card(counted=distributed.world() == 1))  # e.g. label filters used
     return publish.write_dataset(Path(out), images, labels, sampler.classes,
                                  certificate=cert, card=card)
 

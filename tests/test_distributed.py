@@ -31,6 +31,8 @@ resolution = 8
 [privacy]
 accountant = "rdp"
 [privimage]
+draft = "none"
+strength = 1.0
 width = 8
 pretrain_steps = 2
 dp_steps = 3
@@ -296,7 +298,8 @@ def test_torchrun_environment_without_a_session_is_refused(monkeypatch) -> None:
 
 
 def _sampler(method: str):
-    from privsynth.generators import dpmepf, privimage, unet
+    from privsynth.generators import dpmepf, privimage
+    from privsynth.generators.privimage import unet
     from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 
     torch.manual_seed(0)

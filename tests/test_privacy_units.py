@@ -232,7 +232,7 @@ def _histogram(monkeypatch, listing, k: int = 2) -> torch.Tensor:
     from privsynth.generators import privimage
 
     monkeypatch.setattr(privimage, "NoiseSource", ZeroNoise)
-    cfg = privimage.Config(query_topk=k)
+    cfg = privimage.Config(query_topk=k, draft="none", strength=1.0)
     budget = Budget(epsilon=1e3, delta=1e-5, accountant="rdp")
     charge = cfg.plan(1.0, 10)[0]
     budget.charge([charge])
@@ -319,15 +319,16 @@ def test_unit_passes_keep_units_whole_and_cap_their_images():
 
 def test_privimage_samples_units_at_q_over_units(tmp_path):
     from privsynth.data import load
-    from privsynth.generators import finetune, privimage
+    from privsynth.generators import privimage
+    from privsynth.privacy.dpsgd import unit_members
 
     listing = scan(_people(tmp_path / "f", PEOPLE))
     units = assign(listing.root, listing.files, "folder:2")
     priv = load(replace(listing, units=units.index), resolution=12, channels=1)
-    groups = finetune.members(priv, units.count)
+    groups = unit_members(priv.units, len(priv), units.count)
     assert [len(g) for g in groups] == list(units.sizes)
     assert all((priv.units[torch.from_numpy(g)] == u).all() for u, g in enumerate(groups))
-    cfg = privimage.Config(dp_batch=2)
+    cfg = privimage.Config(dp_batch=2, draft="none", strength=1.0)
     budget = Budget(epsilon=8.0, delta=1e-5, accountant="rdp")
     query, dpsgd = privimage.Generator(cfg, resolution=12, channels=1).plan(budget, units.count)
     assert dpsgd.sample_rate == 2 / 4 and budget.charges == [query, dpsgd]  # 4 units, 12 images
@@ -345,7 +346,8 @@ def test_privimage_fit_per_person_states_the_unit_and_its_bound(tmp_path):
 
     private = _people(tmp_path / "m", PEOPLE, metadata=True)
     public = make_folder(tmp_path / "public", per_class=4, classes=tuple("abcd"), size=12)
-    tiny = {"privacy.accountant": "rdp", "privimage.width": 8, "data.resolution": 8,
+    tiny = {"privimage.draft": "none", "privimage.strength": 1.0,
+            "privacy.accountant": "rdp", "privimage.width": 8, "data.resolution": 8,
             "privimage.pretrain_steps": 2, "privimage.pretrain_batch": 8, "privimage.dp_steps": 3,
             "privimage.dp_batch": 2, "privimage.physical_batch": 4, "privimage.unit_images": 2,
             "privimage.query_epochs": 1, "privimage.sample_steps": 2}

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from privsynth import certificate
 from privsynth.cli import app
 from privsynth.errors import BudgetError, UsageError
-from privsynth.generators import privimage, semantic, unet
+from privsynth.generators import privimage
+from privsynth.generators.privimage import semantic, unet
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy.dpsgd import DPSGD, PerSampleGradients, clipped_sum
 
@@ -147,7 +148,7 @@ def test_dpsgd_needs_its_own_recorded_charge() -> None:
 
 
 def test_dpsgd_sigma_is_calibrated_for_what_the_query_leaves() -> None:
-    cfg = privimage.Config(query_sigma=5.0, dp_steps=200, dp_batch=50)
+    cfg = privimage.Config(query_sigma=5.0, dp_steps=200, dp_batch=50, **PLAIN)
     budget = Budget(epsilon=2.0, delta=1e-5, accountant="rdp")  # fast; PRV in the CLI test
     query, dpsgd = budget.calibrate(lambda s: cfg.plan(s, 1000))
     assert query.noise_multiplier == 5.0 and query.sensitivity == 1.0
@@ -157,7 +158,7 @@ def test_dpsgd_sigma_is_calibrated_for_what_the_query_leaves() -> None:
     assert alone.noise_multiplier < dpsgd.noise_multiplier  # the query's cost is accounted
     with pytest.raises(BudgetError):  # a query that alone exceeds the budget
         Budget(epsilon=0.05, delta=1e-5, accountant="rdp").calibrate(
-            lambda s: privimage.Config(query_sigma=1.0).plan(s, 1000))
+            lambda s: privimage.Config(query_sigma=1.0, **PLAIN).plan(s, 1000))
 
 
 def test_histogram_rows_have_the_declared_sensitivity() -> None:
@@ -169,7 +170,7 @@ def test_histogram_rows_have_the_declared_sensitivity() -> None:
         rows = semantic.topk_rows(model, images, k)
         norms = rows.norm(dim=1)  # one image's whole contribution: add/remove moves the sum by this
         assert torch.allclose(norms, torch.full_like(norms, math.sqrt(k)))
-        charge = privimage.Config(query_topk=k).plan(1.0, 100)[0]
+        charge = privimage.Config(query_topk=k, **PLAIN).plan(1.0, 100)[0]
         assert charge.sensitivity == pytest.approx(float(norms.max()))
 
 
@@ -187,7 +188,10 @@ def test_selection_is_disjoint_and_deterministic() -> None:
 
 
 # RDP keeps the calibration fast at these tiny sizes (PRV is the default and tested elsewhere).
-TINY = ["--set", "privacy.accountant=rdp", "--set", "privimage.width=8", "--set", "data.resolution=8", "--set",
+# PrivImage as published (no dp-mepf drafts): the drafts have their own tests below.
+PLAIN = dict(draft="none", strength=1.0)
+TINY = ["--set", "privimage.draft=none", "--set", "privimage.strength=1.0",
+        "--set", "privacy.accountant=rdp", "--set", "privimage.width=8", "--set", "data.resolution=8", "--set",
         "privimage.pretrain_steps=2", "--set", "privimage.dp_steps=3", "--set",
         "privimage.dp_batch=8", "--set", "privimage.physical_batch=4", "--set",
         "privimage.query_epochs=1", "--set", "privimage.sample_steps=2", "--set",
@@ -271,7 +275,8 @@ def test_imagenet_query_recognises_real_public_images() -> None:
                                               (1, (False, False, True)),
                                               (2, (False, True, True))])
 def test_attention_levels_put_attention_at_the_lowest_levels(levels, expected) -> None:
-    gen = privimage.Generator(privimage.Config(attention_levels=levels), resolution=8, channels=1)
+    gen = privimage.Generator(privimage.Config(attention_levels=levels, **PLAIN), resolution=8,
+                               channels=1)
     assert gen.unet.attention == expected
     model = unet.build(gen._unet(2))
     with_attention = [any("attentions" in n for n, _ in block.named_parameters())

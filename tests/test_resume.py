@@ -174,7 +174,8 @@ def test_kill_9_at_any_point_never_under_counts(point: str, tmp_path: Path) -> N
 # ---------------------------------------------------------------------------------------------
 # privimage: the histogram is released once, DP-SGD continues with the steps left (T in all)
 
-PRIVIMAGE_TINY = ["--set", "privacy.accountant=rdp", "--set", "privimage.width=8",
+PRIVIMAGE_TINY = ["--set", "privimage.draft=none", "--set", "privimage.strength=1.0",
+                  "--set", "privacy.accountant=rdp", "--set", "privimage.width=8",
                   "--set", "data.resolution=8", "--set", "privimage.pretrain_steps=3",
                   "--set", "privimage.pretrain_batch=8", "--set", "privimage.dp_batch=4",
                   "--set", "privimage.physical_batch=4", "--set", "privimage.query_epochs=1",
@@ -319,7 +320,7 @@ def test_a_dpsgd_stopped_by_the_private_data_is_not_resumed(tmp_path: Path) -> N
     import torch
 
     from privsynth.errors import BudgetError
-    from privsynth.generators import finetune
+    from privsynth.generators.privimage import finetune
 
     state = WorkState(tmp_path)
     with pytest.raises(BudgetError, match="non-finite"):
@@ -334,14 +335,15 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path: Path) -> 
     import torch
 
     from privsynth.data import ImageSet
-    from privsynth.generators import pretrain, privimage, unet
+    from privsynth.generators import privimage
+    from privsynth.generators.privimage import pretrain, unet
 
     shape = unet.UNetConfig(classes=2, channels=1, resolution=8, widths=(8, 16),
                             attention=(False, True), groups=4)
     gen = torch.Generator().manual_seed(0)
     public = ImageSet(torch.randint(0, 256, (20, 1, 8, 8), generator=gen, dtype=torch.uint8),
                       torch.arange(20) % 4, ("a", "b", "c", "d"))
-    cfg = privimage.Config(pretrain_steps=12, pretrain_batch=4)
+    cfg = privimage.Config(pretrain_steps=12, pretrain_batch=4, draft="none", strength=1.0)
     whole = pretrain.pretrain(shape, lambda: public, [[0], [2]], cfg)
 
     def stop_at_ten(what, done, total):

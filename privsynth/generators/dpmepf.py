@@ -36,6 +36,7 @@ from privsynth.generators import draw_chunks, draw_labels
 from privsynth.generators import judge
 from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
+from privsynth.privacy.dpsgd import unit_members
 from privsynth.scattering import ScatterView
 
 Progress = Callable[[str, int, int], None]
@@ -260,11 +261,14 @@ class Generator:
         return charges
 
     def fit(self, private: Listing, budget: Budget, *, seed: int = 0,
-            progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
+            progress: Progress | None = None, state: WorkState | None = None,
+            charges: list[Charge] | None = None) -> "Sampler":
         """Charge, release the noisy embeddings once, then train the generator on them.
 
         With `state`, the releases are saved as soon as they exist and training is checkpointed;
         a later call with the same state continues from there without touching private data.
+        `charges`: this recipe's charges, already calibrated and recorded by a caller that
+        composes them with its own (privimage's drafts); planned here when None.
         """
         n = len(set(private.units)) if private.units else len(private.files)
         saved = state.load("releases") if state else None
@@ -274,7 +278,7 @@ class Generator:
             releases = Releases(**saved)
             charges = [c for c in budget.unclaimed() if c.name in judge.VIEWS]
         else:
-            charges = self.plan(budget, n)
+            charges = self.plan(budget, n) if charges is None else charges
             images = load(private, resolution=self.resolution, channels=self.channels)
             releases = self.release(private, budget, charges, progress, images=images)
             if state:
@@ -315,8 +319,6 @@ class Generator:
         the N it was charged for), from what `view` reads of the private images (for
         dpmepf.judge, the feature rows the releases read; encoded again when a resumed fit has
         only the saved releases)."""
-        from privsynth.generators.finetune import members
-
         found = [c for c in charges if c.name == name]
         if not found:
             raise UsageError(f"{name} is on but no {name} charge was recorded for this fit (was it "
@@ -330,7 +332,7 @@ class Generator:
         units = None if images.units is None else int(images.units.max()) + 1
         lr = self.config.judge_lr if name == "dpmepf.judge" else self.config.scatter_lr
         return judge.train(rows.to(self.device), images.labels, len(images.classes), budget,
-                           found[0], lr=lr, groups=members(images, units), units=n,
+                           found[0], lr=lr, groups=unit_members(images.units, len(images), units), units=n,
                            progress=progress)
 
     @torch.no_grad()
@@ -532,6 +534,32 @@ class Sampler:
         empty = torch.zeros(0, cfg.channels, cfg.resolution, cfg.resolution, dtype=torch.uint8)
         images, slots = draw_chunks(slots, seed, batch, part, self._draw, empty)
         return images, slots // self.cells
+
+    def draw_for(self, classes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """uint8 images of the given `classes` (a cell of each class drawn in its noisy share),
+        judged like `sample`'s; every draw comes from `gen`."""
+        slots = classes * self.cells
+        if self.cells > 1:
+            w = torch.tensor(self.weights, dtype=torch.float64).view(len(self.classes), self.cells)
+            slots = slots + torch.multinomial(w[classes].clamp(min=0) + 1e-12, 1,
+                                              generator=gen).squeeze(1)
+        return self._draw(slots, gen)
+
+    def card(self, *, counted: bool = True) -> dict:
+        """What the dataset card records of this sampling: the label filters, if any
+        (`counted`: include how many draws they rejected in this process)."""
+        if not self.judges:
+            return {}
+        names = " and ".join(sorted(self.judges))
+        tally = f" ({self.rejected} draws rejected)" if counted else ""
+        return {"label filter": f"images that a DP-SGD classifier of the run ({names}) assigns "
+                                f"to another class were redrawn, up to {self.rounds} "
+                                f"times{tally}"}
+
+    @staticmethod
+    def needs_encoder(folder: Path) -> bool:
+        """Whether `load(folder)` needs the run's encoder (a feature label filter reads it)."""
+        return judge.key("dpmepf.judge") in json.loads((folder / "config.json").read_text())
 
     def _draw(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if not self.judges:

@@ -137,6 +137,17 @@ def unit_means(grads: Sequence[torch.Tensor], owners: torch.Tensor) -> list[torc
     return out
 
 
+def unit_members(units: torch.Tensor | None, n: int, count: int | None) -> list[np.ndarray]:
+    """The images (indices into n images) of each of `count` units: one image each when `units`
+    (each image's unit) is None, else grouped by it."""
+    if units is None:
+        return [np.array([i]) for i in range(n)]
+    owner = units.numpy()
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=count)
+    return np.split(order, np.cumsum(counts)[:-1])
+
+
 def unit_passes(members: Sequence[np.ndarray], sampled: np.ndarray, *, cap: int, per_pass: int,
                 generator: torch.Generator) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """The sampled units' images in passes of whole units: (image indices, owner of each image).

@@ -1,23 +1,30 @@
-"""PrivImage (Li et al., arXiv 2311.12850): semantic query -> selected public pretraining -> DP-SGD.
+"""PrivImage (Li et al., arXiv 2311.12850): semantic query -> selected public pretraining -> DP-SGD,
+warm-started from dp-mepf drafts (our extension; `draft = "none"` is PrivImage as published).
 
 1. A classifier over the public classes (trained on public images only) gives each private image
    its top-k public labels; the per-private-class histogram of those labels is released once with
    Gaussian noise (L2 sensitivity sqrt(k) per privacy unit: a unit's rows are weighted 1/m).
 2. From the noisy histogram alone, each private class picks its own disjoint public classes; their
    images, relabelled with that private class, pretrain a class-conditional diffusion UNet.
-3. The UNet is fine-tuned on the private images with DP-SGD over privacy units (finetune.py).
-Both charges are calibrated together before any private pixel is read: the query's sigma is set in
-the recipe, and DP-SGD's sigma is the smallest that fits what is left of the budget.
+3. Drafts (config.py): dp-mepf's releases (privsynth.generators.dpmepf, on the same budget) train
+   its generator; its images (post-processing) pretrain the UNet further.
+4. The UNet is fine-tuned on the private images with DP-SGD over privacy units (finetune.py).
+5. Sampling denoises drafts noised to `strength` of the schedule (or pure noise at strength 1).
+Every charge is calibrated together before any private pixel is read: the query's sigma is set in
+the recipe, DP-SGD's sigma is the smallest that fits, and the drafts' releases get draft_noise
+times it.
 
 Resumable: with a `WorkState`, the noisy histogram and the selection are saved right after the
 release (a resumed fit never releases it again: that would be a second, uncharged release), the
-pretrained UNet after pretraining (periodically during it too), and DP-SGD is checkpointed.
+drafts' releases and generator as dp-mepf saves them, each pretrained UNet after its stage
+(periodically during it too), and DP-SGD is checkpointed.
 
 Data-parallel under torchrun (privsynth.distributed): every rank runs `fit`; the histogram rows
 and the DP-SGD clipped sums are computed on each rank's share of the private images (units) and
 summed over the ranks before the one noise draw (by rank 0), and pretraining is torch DDP over
 shares of each batch. Every rank builds the same query classifier (a row has norm sqrt(k)
-whatever it outputs). Only rank 0 gets a `WorkState`: it alone keeps checkpoints.
+whatever it outputs). Only rank 0 gets a `WorkState`: it alone keeps checkpoints. The drafts'
+dp-mepf stage is not data-parallel: with drafts on, the fit runs in one process.
 """
 from __future__ import annotations
 
@@ -35,77 +42,22 @@ from privsynth import distributed
 from privsynth.checkpoint import WorkState
 from privsynth.data import ImageSet, Listing, load, scan
 from privsynth.errors import DataError, UsageError
-from privsynth.generators import draw_chunks, draw_labels, finetune, pretrain, semantic, unet
+from privsynth.features import Encoder
+from privsynth.generators import dpmepf, draw_chunks, draw_labels
+from privsynth.generators.privimage import finetune, pretrain, semantic, unet
+from privsynth.generators.privimage.config import Config
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
-from privsynth.privacy.dpsgd import GRAD_SAMPLE_MODES
 
 Progress = Callable[[str, int, int], None]
 USES_PUBLIC = True  # run.fit passes the --public folder to Generator.fit
-USES_ENCODER = False  # no perceptual encoder: the [features] section is not used
+USES_ENCODER = True  # the drafts' dp-mepf reads the [features] encoder (unused with draft none)
 RESUMABLE = True  # fit() accepts a WorkState and continues from it
-USER_LEVEL = True  # both mechanisms bound a whole privacy unit (privacy.unit), not one image
-DATA_PARALLEL = True  # under torchrun, every rank trains on its share (see the module doc)
+USER_LEVEL = True  # every mechanism bounds a whole privacy unit (privacy.unit), not one image
 
 
-@dataclass(frozen=True)
-class Config:
-    """PrivImage settings; defaults are a CPU-sized run (tiny UNet, 28-32 px)."""
-
-    query_topk: int = 1  # public labels per private image (histogram sensitivity sqrt(k))
-    query_sigma: float = 20.0  # noise multiplier of the histogram (std = sigma * sqrt(k))
-    query_epochs: int = 5  # epochs of the public query classifier
-    query: str = "train"  # "train": a small CNN trained on the public images; "imagenet": the
-    # pretrained EfficientNet-Lite0 ImageNet head restricted to the public classes (WordNet ids)
-    query_input: int = 96  # image side fed to the ImageNet query classifier
-    select_per_class: int = 2  # public classes chosen per private class (disjoint)
-    selection: str = "semantic"  # "semantic" (noisy histogram) or "random" (ablation baseline)
-    width: int = 32  # UNet channels at full resolution (then 2x, 2x at the lower levels)
-    attention_levels: int = 2  # self-attention at this many of the lowest levels (0, 1 or 2;
-    # the middle block, at the lowest level, always has it)
-    label_dropout: float = 0.1  # share of labels replaced by "no label" (classifier-free guidance)
-    pretrain_steps: int = 300  # public pretraining updates (no privacy cost)
-    pretrain_batch: int = 64
-    pretrain_lr: float = 1e-3  # Adam
-    dp_steps: int = 100  # DP-SGD steps T (each one Poisson batch)
-    dp_batch: int = 64  # expected Poisson batch size in privacy units; q = dp_batch / N units
-    physical_batch: int = 32  # examples per per-sample-gradient pass (memory, not privacy)
-    clip: float = 1.0  # per-unit gradient L2 bound C
-    dp_lr: float = 5e-4  # Adam on the noisy gradient
-    noise_draws: int = 1  # (timestep, noise) draws averaged per example before clipping
-    unit_images: int = 8  # user-level: images of one unit per DP-SGD step, at most (compute only)
-    ema: float = 0.99  # EMA decay of the fine-tuned weights that are published
-    grad_sample_mode: str = "vmap"  # torch.func vmap, or "functorch" (opacus; exact, slower)
-    sample_steps: int = 25  # DDIM steps when sampling
-    guidance: float = 2.0  # classifier-free guidance scale (1 = plain conditional)
-
-    def __post_init__(self) -> None:
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise UsageError(f"privimage.grad_sample_mode must be one of "
-                             f"{', '.join(GRAD_SAMPLE_MODES)}, got {self.grad_sample_mode!r}")
-        if min(self.query_topk, self.select_per_class, self.noise_draws, self.unit_images) < 1:
-            raise UsageError("privimage.query_topk, select_per_class, noise_draws and unit_images "
-                             "must be >= 1")
-        if not (self.query_sigma > 0 and self.clip > 0 and 0 <= self.ema < 1):
-            raise UsageError("privimage: query_sigma and clip must be > 0, ema in [0, 1)")
-        if self.query not in ("train", "imagenet"):
-            raise UsageError(f"privimage.query must be 'train' or 'imagenet', got {self.query!r}")
-        if self.selection not in ("semantic", "random"):
-            raise UsageError(f"privimage.selection must be 'semantic' or 'random', "
-                             f"got {self.selection!r}")
-        if self.attention_levels not in (0, 1, 2):
-            raise UsageError(f"privimage.attention_levels must be 0, 1 or 2, "
-                             f"got {self.attention_levels!r}")
-        if not 0 <= self.label_dropout < 1:
-            raise UsageError("privimage.label_dropout must be in [0, 1)")
-
-    def plan(self, scale: float, n: int) -> list[Charge]:
-        """The query (fixed sigma) and DP-SGD (sigma = scale) for N = `n` privacy units."""
-        k = self.query_topk
-        return [Charge("privimage.query", self.query_sigma, 1.0, 1, math.sqrt(k),
-                       f"per-private-class histogram of each image's top-{k} public labels"),
-                Charge("privimage.dpsgd", scale, min(self.dp_batch / n, 1.0), self.dp_steps,
-                       self.clip, "UNet weights fine-tuned by DP-SGD (one clipped gradient per "
-                       "sampled privacy unit + Gaussian noise, Poisson sampling of units)")]
+def data_parallel(config: Config) -> bool:
+    """Whether every torchrun rank trains on its share (see the module doc): not with drafts."""
+    return config.draft == "none"
 
 
 def privacy_statement(config: Config, unit: str = "image") -> dict:
@@ -119,42 +71,61 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
     grad = (f"clips each image's gradient (averaged over its {m} noise draws)" if per_image else
             f"averages the per-image gradients of at most {config.unit_images} of a kept unit's "
             f"images (drawn at random each step; each over its {m} noise draws) and clips that")
-    notes = [hist, f"DP-SGD: each step keeps every {who} with probability q (Poisson), {grad} to "
-                   f"L2 norm {c:g} as one row, and adds Gaussian noise once per step, empty "
-                   "batches included. The batch, the noise and the per-example draws (timesteps, "
-                   "noise images, label dropout) all come from OS entropy.",
-             "Files that cannot be decoded are skipped independently of other files"
-             + ("." if per_image else " (a unit's weight 1/m counts its listed files).")]
+    notes = [hist]
+    if config.dp_steps:
+        notes.append(f"DP-SGD: each step keeps every {who} with probability q (Poisson), {grad} "
+                     f"to L2 norm {c:g} as one row, and adds Gaussian noise once per step, empty "
+                     "batches included. The batch, the noise and the per-example draws "
+                     "(timesteps, noise images, label dropout) all come from OS entropy.")
+    notes.append("Files that cannot be decoded are skipped independently of other files"
+                 + ("." if per_image else " (a unit's weight 1/m counts its listed files)."))
+    post = ("public-class selection from the noisy histogram, pretraining on public images, "
+            "sampling from the " + ("DP-SGD model" if config.dp_steps else "pretrained model"))
+    uses_n = ["the DP-SGD sample rate of privimage.dpsgd (q = dp_batch / N)"] if config.dp_steps else []
+    if config.draft == "dp-mepf":
+        drafts = dpmepf.privacy_statement(config.dpmepf, unit)
+        notes += [f"Drafts (dp-mepf, charges dpmepf.*): {note}" for note in drafts["notes"]]
+        notes.append(f"The dp-mepf releases are calibrated with the other charges at "
+                     f"{config.draft_noise:g} times DP-SGD's noise scale.")
+        post += (" and the draft generator: it is trained on the dp-mepf releases alone, its "
+                 "images pretrain the UNet and each sample starts from one (noised to "
+                 f"{config.strength:g} of the diffusion schedule); " + drafts["post_processing"])
+        if drafts.get("uses_n"):
+            uses_n.append(drafts["uses_n"].split(", and through it")[0])
     stmt = {"privacy_unit": "one image file",
-            "post_processing": "public-class selection from the noisy histogram, pretraining on "
-                               "public images, sampling from the DP-SGD model; class proportions "
-                               "from the noisy histogram",
-            "notes": notes,
-            "unprotected": [f"the number of {who}s N, which sets the DP-SGD sample rate "
-                            "q = dp_batch / N"]}
+            "post_processing": post + "; class proportions from the noisy " +
+                               ("counts" if config.draft == "dp-mepf" else "histogram"),
+            "notes": notes, "unprotected": []}
+    if uses_n:
+        stmt["uses_n"] = (" and ".join(uses_n) + ", and through them the sigma of every release "
+                          "(all charges are calibrated together)")
     if per_image:
         return stmt
     return dict(stmt, unit_bound=f"histogram: a unit's m image rows are weighted 1/m, so the unit "
                                  f"adds at most sqrt(k) = {math.sqrt(k):.4g}; DP-SGD: a unit's "
                                  f"images' gradients are averaged into one row clipped to "
-                                 f"C = {c:g}, and sampling is per unit")
+                                 f"C = {c:g}, and sampling is per unit; dp-mepf releases: a "
+                                 "unit's rows are weighted 1/m")
 
 
 class Generator:
-    """Fits PrivImage: `Generator(config, None, ...).fit(private, budget, public=...)`."""
+    """Fits PrivImage: `Generator(config, encoder, ...).fit(private, budget, public=...)`."""
 
-    def __init__(self, config: Config, encoder: object = None, *, resolution: int, channels: int,
-                 device: str = "cpu") -> None:
+    def __init__(self, config: Config, encoder: Encoder | None = None, *, resolution: int,
+                 channels: int, device: str = "cpu") -> None:
         self.config, self.resolution, self.channels, self.device = config, resolution, channels, device
+        self.encoder = encoder
         attention = (False, config.attention_levels >= 2, config.attention_levels >= 1)
         self.unet = unet.UNetConfig(0, channels, resolution, (config.width, 2 * config.width,
                                     2 * config.width), attention, groups=min(8, config.width))
         if resolution % 4:
             raise UsageError(f"privimage needs data.resolution divisible by 4, got {resolution}")
+        if config.draft == "dp-mepf" and encoder is None:
+            raise UsageError("privimage.draft = 'dp-mepf' needs the [features] encoder")
         self.rejects: list[tuple[str, str]] = []
 
     def plan(self, budget: Budget, n: int) -> list[Charge]:
-        """Calibrate both stages for `n` privacy units and charge them (before any pixel is read).
+        """Calibrate every stage for `n` privacy units and charge it (before any pixel is read).
 
         A resumed fit finds its charges already recorded (written ahead before the interrupted
         attempt drew noise) and reuses them, after checking they are this recipe's for `n` units.
@@ -164,27 +135,31 @@ class Generator:
             charges = budget.calibrate(lambda s: self.config.plan(s, n))
             budget.charge(charges)
             return charges
-        if sorted(c.name for c in pending) != ["privimage.dpsgd", "privimage.query"]:
+        names = [c.name for c in self.config.plan(1.0, n)]
+        if sorted(c.name for c in pending) != sorted(names):
             raise UsageError(f"the recorded charges {sorted(c.name for c in pending)} do not "
                              "match this recipe's releases")
         by_name = {c.name: c for c in pending}
-        sigma = by_name["privimage.dpsgd"].noise_multiplier
-        if self.config.plan(sigma, n) != [by_name["privimage.query"], by_name["privimage.dpsgd"]]:
-            raise DataError(f"the recorded charges were planned for another number of privacy "
-                            f"units than the {n} the private folder has now: it changed since the "
-                            "fit began")
-        return [by_name["privimage.query"], by_name["privimage.dpsgd"]]
+        if "privimage.dpsgd" in by_name:
+            sigma = by_name["privimage.dpsgd"].noise_multiplier
+            if self.config.plan(sigma, n) != [by_name[name] for name in names]:
+                raise DataError(f"the recorded charges were planned for another number of "
+                                f"privacy units than the {n} the private folder has now: it "
+                                "changed since the fit began")
+        return [by_name[name] for name in names]
 
     def fit(self, private: Listing, budget: Budget, *, public: Path | None = None, seed: int = 0,
             progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
-        """Charge both stages, query, select, pretrain on public images, fine-tune with DP-SGD.
+        """Charge every stage; query, select, make drafts, pretrain on public images and drafts,
+        fine-tune with DP-SGD.
 
         With `state`, each stage's result is saved as soon as it exists; a later call with the
-        same state continues from there and never releases the histogram again.
+        same state continues from there and never releases anything again.
         """
         pub = self._public_listing(public, len(private.classes))
         units = len(set(private.units)) if private.units else None
-        query_charge, dpsgd_charge = self.plan(budget, units or len(private.files))
+        charges = self.plan(budget, units or len(private.files))
+        by_name = {c.name: c for c in charges}
         cfg = self.config
         public_set = functools.cache(lambda: load(pub, resolution=self.resolution,
                                                   channels=self.channels))
@@ -201,8 +176,8 @@ class Generator:
                                              device=self.device)
             priv = load(private, resolution=self.resolution, channels=self.channels)
             self.rejects = list(priv.rejects)
-            hist = self.release_histogram(query, priv, budget, query_charge, len(pub.classes),
-                                          private.units)
+            hist = self.release_histogram(query, priv, budget, by_name["privimage.query"],
+                                          len(pub.classes), private.units)
             chosen = (semantic.select(hist, cfg.select_per_class) if cfg.selection == "semantic"
                       else semantic.random_selection(len(private.classes), len(pub.classes),
                                                      cfg.select_per_class, seed))
@@ -213,15 +188,44 @@ class Generator:
         else:
             hist, chosen = saved["histogram"], saved["selection"]
             self.rejects = [tuple(r) for r in saved["rejects"]]
+        draft = None
+        if cfg.draft == "dp-mepf":
+            maker = dpmepf.Generator(cfg.dpmepf, self.encoder, resolution=self.resolution,
+                                     channels=self.channels, device=self.device)
+            draft = maker.fit(private, budget, seed=seed, progress=progress, state=state,
+                              charges=[c for c in charges if c.name.startswith("dpmepf.")])
+            draft.to("cpu")
         model = pretrain.pretrain(self._unet(len(private.classes)), public_set, chosen, cfg,
                                   seed=seed, device=self.device, progress=progress, state=state)
-        priv = priv or load(private, resolution=self.resolution, channels=self.channels)
-        ema = finetune.finetune(model, priv, budget, dpsgd_charge, cfg, units=units,
-                                device=self.device, progress=progress, state=state)
-        weights = (hist.sum(1) / cfg.query_topk).clamp(min=1.0)
+        if draft is not None:
+            model = pretrain.on_drafts(model, lambda: self._drafts(draft, seed, progress), cfg,
+                                       seed=seed, device=self.device, progress=progress,
+                                       state=state)
+        if cfg.dp_steps:
+            priv = priv or load(private, resolution=self.resolution, channels=self.channels)
+            model = finetune.finetune(model, priv, budget, by_name["privimage.dpsgd"], cfg,
+                                      units=units, device=self.device, progress=progress,
+                                      state=state)
+        del priv
+        if draft is not None:
+            weights = draft.class_weights
+        else:
+            weights = (hist.sum(1) / cfg.query_topk).clamp(min=1.0)
+            weights = (weights / weights.sum()).tolist()
         selection = {private.classes[i]: [pub.classes[j] for j in js] for i, js in enumerate(chosen)}
-        return Sampler(ema.cpu().eval(), self._unet(len(private.classes)), private.classes,
-                       (weights / weights.sum()).tolist(), cfg.sample_steps, cfg.guidance, selection)
+        return Sampler(model.cpu().eval(), self._unet(len(private.classes)), private.classes,
+                       weights, cfg.sample_steps, cfg.guidance, selection, draft=draft,
+                       strength=cfg.strength)
+
+    def _drafts(self, draft: dpmepf.Sampler, seed: int,
+                progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`draft_images` labelled drafts in [-1, 1] (post-processing of the dp-mepf releases)."""
+        if progress:
+            progress("drawing drafts", 0, 1)
+        images, labels = draft.sample(self.config.draft_images, seed=seed + 7, balanced=True)
+        if progress:
+            progress("drawing drafts", 1, 1)
+        return semantic.scaled(images), labels
 
     def _unet(self, classes: int) -> unet.UNetConfig:
         return replace(self.unet, classes=classes)
@@ -256,21 +260,30 @@ class Generator:
 
 
 class Sampler:
-    """A fitted PrivImage denoiser (EMA of the DP-SGD weights): safe to publish."""
+    """A fitted PrivImage denoiser (the DP-SGD weights' EMA) and, with drafts, the dp-mepf draft
+    generator whose images it refines: safe to publish."""
 
     method = "privimage"
 
     def __init__(self, model: torch.nn.Module, cfg: unet.UNetConfig, classes: tuple[str, ...],
                  class_weights: list[float], steps: int, guidance: float,
-                 selection: dict[str, list[str]]) -> None:
+                 selection: dict[str, list[str]], *, draft: dpmepf.Sampler | None = None,
+                 strength: float = 1.0) -> None:
         self.model, self.cfg, self.classes = model, cfg, tuple(classes)
         self.class_weights, self.steps, self.guidance = list(class_weights), steps, guidance
-        self.selection = selection
+        self.selection, self.draft, self.strength = selection, draft, strength
+        if strength < 1 and draft is None:
+            raise ValueError("sampling from strength < 1 needs the draft generator")
+
+    @property
+    def t_start(self) -> int:
+        """The timestep sampling starts from."""
+        return max(1, round(self.strength * unet.TRAIN_TIMESTEPS))
 
     @torch.no_grad()
     def sample(self, n: int, *, seed: int = 0, balanced: bool = False, batch: int = 250,
                part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
-        """n images (uint8, N x C x H x W) and labels; classes from the noisy histogram.
+        """n images (uint8, N x C x H x W) and labels; classes from the noisy counts.
         `part=(i, k)`: only the i-th of k shares, in chunks of `batch` (generators.draw_chunks)."""
         gen = torch.Generator().manual_seed(seed)
         labels = draw_labels(n, self.class_weights, balanced=balanced, generator=gen)
@@ -279,31 +292,60 @@ class Sampler:
         return draw_chunks(labels, seed, batch, part, self._draw, empty)
 
     def _draw(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        start = None
+        if self.strength < 1:
+            start = semantic.scaled(self.draft.draw_for(labels, gen))
         x = unet.ddim_sample(self.model, labels, self.cfg, steps=self.steps,
-                             guidance=self.guidance, generator=gen)
+                             guidance=self.guidance, generator=gen, start=start,
+                             t_start=self.t_start)
         return ((x.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
+    def card(self, *, counted: bool = True) -> dict:
+        """What the dataset card records of this sampling: where samples start, and the
+        drafts' label filters (`counted`: with this process's count of rejected draws)."""
+        if self.strength >= 1:
+            return {}
+        return {"drafts": f"each image is a dp-mepf draft of the run noised to "
+                          f"{self.strength:g} of the diffusion schedule, then denoised in "
+                          f"{self.steps} DDIM steps", **self.draft.card(counted=counted)}
+
     def to(self, device: str) -> "Sampler":
-        """Move the denoiser to `device` (e.g. 'cuda'); starting noise is still drawn on the CPU."""
+        """Move the denoiser (and the draft generator) to `device`; starting noise is still
+        drawn on the CPU."""
         self.model.to(device)
+        if self.draft is not None:
+            self.draft.to(device)
         return self
 
     def save(self, folder: Path) -> None:
-        """Write `unet.safetensors` and `config.json` (no pickles)."""
+        """Write `unet.safetensors` and `config.json` (no pickles), and the draft generator in
+        `draft/` (dp-mepf's files)."""
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
                   str(folder / "unet.safetensors"))
         meta = {"method": self.method, "unet": self.cfg.to_dict(), "classes": list(self.classes),
                 "class_weights": self.class_weights, "sample_steps": self.steps,
-                "guidance": self.guidance, "selection": self.selection}
+                "guidance": self.guidance, "selection": self.selection,
+                "strength": self.strength, "draft": None if self.draft is None else "draft"}
+        if self.draft is not None:
+            self.draft.save(folder / "draft")
         (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
+    @staticmethod
+    def needs_encoder(folder: Path) -> bool:
+        """Whether `load(folder)` needs the run's encoder (the drafts' feature label filter)."""
+        meta = json.loads((folder / "config.json").read_text())
+        return bool(meta.get("draft")) and dpmepf.Sampler.needs_encoder(folder / meta["draft"])
+
     @classmethod
-    def load(cls, folder: Path) -> "Sampler":
-        """Read a sampler written by `save`."""
+    def load(cls, folder: Path, encoder: Encoder | None = None) -> "Sampler":
+        """Read a sampler written by `save` (`encoder`: see `needs_encoder`)."""
         meta = json.loads((folder / "config.json").read_text())
         cfg = unet.UNetConfig.from_dict(meta["unet"])
         model = unet.build(cfg)
         model.load_state_dict(load_file(str(folder / "unet.safetensors")))
+        draft = (dpmepf.Sampler.load(folder / meta["draft"], encoder) if meta.get("draft")
+                 else None)
         return cls(model.eval(), cfg, tuple(meta["classes"]), meta["class_weights"],
-                   meta["sample_steps"], meta["guidance"], meta["selection"])
+                   meta["sample_steps"], meta["guidance"], meta["selection"], draft=draft,
+                   strength=meta.get("strength", 1.0))

@@ -71,31 +71,49 @@ def drop_labels(y: torch.Tensor, classes: int, share: float, gen: torch.Generato
     return torch.where(drop, torch.full_like(y, classes), y)
 
 
-def loss_draws(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random timestep and noise image per row of `x`: the DDPM loss's inputs (on x's device)."""
-    t = torch.randint(TRAIN_TIMESTEPS, (len(x),), generator=gen).to(x.device)
+def loss_draws(x: torch.Tensor, gen: torch.Generator,
+               t_max: int = TRAIN_TIMESTEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random timestep below `t_max` and a noise image per row of `x`: the DDPM loss's inputs
+    (on x's device)."""
+    t = torch.randint(t_max, (len(x),), generator=gen).to(x.device)
     return t, torch.randn(x.shape, generator=gen).to(x.device)
 
 
 @torch.no_grad()
 def ddim_sample(model: nn.Module, labels: torch.Tensor, cfg: UNetConfig, *, steps: int,
-                guidance: float, generator: torch.Generator) -> torch.Tensor:
-    """Images in [-1, 1] for `labels` by deterministic DDIM with classifier-free guidance."""
-    from diffusers import DDIMScheduler
+                guidance: float, generator: torch.Generator, start: torch.Tensor | None = None,
+                t_start: int = TRAIN_TIMESTEPS) -> torch.Tensor:
+    """Images in [-1, 1] for `labels` by deterministic DDIM (eta 0, x0 clipped to [-1, 1]) with
+    classifier-free guidance (`guidance` 1: the conditional model alone, one pass per step).
 
-    sched = DDIMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="linear",
-                          clip_sample=True)
-    sched.set_timesteps(steps)
+    From pure noise by default; with `start` (images in [-1, 1]) and `t_start` < T, each image is
+    first noised to timestep t_start - 1 and denoised from there (SDEdit): `steps` DDIM steps
+    spread evenly over t_start - 1 .. 0. All draws come from `generator` (on the CPU)."""
     device = next(model.parameters()).device
-    x = torch.randn(len(labels), cfg.channels, cfg.resolution, cfg.resolution,
-                    generator=generator).to(device)
+    alpha_bar = schedule(device)
+    times = torch.linspace(t_start - 1, 0, steps).round().long().tolist()
+    shape = (len(labels), cfg.channels, cfg.resolution, cfg.resolution)
+    noise = torch.randn(shape, generator=generator).to(device)
+    if start is None:
+        x = noise
+    else:
+        a = alpha_bar[times[0]]
+        x = a.sqrt() * start.to(device) + (1 - a).sqrt() * noise
     labels = labels.to(device)
     null = torch.full_like(labels, cfg.classes)
-    for t in sched.timesteps:
-        tt = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
-        both = model(torch.cat([x, x]), torch.cat([tt, tt]),
-                     class_labels=torch.cat([labels, null])).sample
-        cond, uncond = both.chunk(2)
-        eps = uncond + guidance * (cond - uncond)
-        x = sched.step(eps, t, x, eta=0.0).prev_sample
+    for i, t in enumerate(times):
+        tt = torch.full((len(labels),), t, device=device, dtype=torch.long)
+        if guidance == 1.0:
+            eps = model(x, tt, class_labels=labels).sample
+        else:
+            both = model(torch.cat([x, x]), torch.cat([tt, tt]),
+                         class_labels=torch.cat([labels, null])).sample
+            cond, uncond = both.chunk(2)
+            eps = uncond + guidance * (cond - uncond)
+        a = alpha_bar[t]
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        if i + 1 == len(times):
+            return x0
+        a_next = alpha_bar[times[i + 1]]
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
     return x.clamp(-1, 1)

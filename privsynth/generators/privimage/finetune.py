@@ -34,36 +34,24 @@ marks the fit as not resumable.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 
 from privsynth import distributed
 from privsynth.checkpoint import WorkState
 from privsynth.data import ImageSet
 from privsynth.errors import BudgetError
-from privsynth.generators import ema_update, semantic, unet
+from privsynth.generators import ema_update
+from privsynth.generators.privimage import semantic, unet
+from privsynth.generators.privimage.config import Config
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy.dpsgd import (DPSGD, PerSampleGradients, clipped_sum, hidden_generator,
-                                    unit_passes)
-
-if TYPE_CHECKING:
-    from privsynth.generators.privimage import Config
+                                    unit_members, unit_passes)
 
 Progress = Callable[[str, int, int], None]
 STATE = "dpsgd"  # the training checkpoint's state name
 STOPPED = "dpsgd-stopped.json"  # written when a step failed because of the private data
-
-
-def members(priv: ImageSet, units: int | None) -> list[np.ndarray]:
-    """The images (indices into `priv`) of each unit: one each, or grouped by `priv.units`."""
-    if priv.units is None:
-        return [np.array([i]) for i in range(len(priv))]
-    owner = priv.units.numpy()
-    order = np.argsort(owner, kind="stable")
-    counts = np.bincount(owner, minlength=units)
-    return np.split(order, np.cumsum(counts)[:-1])
 
 
 def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Charge, cfg: Config,
@@ -91,7 +79,7 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
                  steps_done=0 if saved is None else int(saved["steps_done"]), sharded=True)
     alpha_bar = unet.schedule(device)
     loss = lambda net, x, t, y, e: unet.denoising_loss(net, x, t, y, e, alpha_bar)  # noqa: E731
-    groups = members(priv, units)
+    groups = unit_members(priv.units, len(priv), units)
     for batch in mech.batches(len(groups)):
         sums = [torch.zeros_like(p) for p in grads.params]
         failed = None
@@ -101,7 +89,7 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
             x = semantic.scaled(priv.images[idx]).repeat_interleave(m, 0).to(device)
             y = unet.drop_labels(priv.labels[idx].repeat_interleave(m, 0), classes,
                                  cfg.label_dropout, gen)
-            t, eps = unet.loss_draws(x, gen)
+            t, eps = unet.loss_draws(x, gen, cfg.t_max)
             rows = grads(loss, x, t, y.to(device), eps, group=m)
             try:
                 sums = [s + c for s, c in zip(sums, _clipped(rows, cfg.clip, owners, state))]
