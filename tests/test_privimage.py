@@ -287,3 +287,77 @@ def test_attention_levels_put_attention_at_the_lowest_levels(levels, expected) -
 def test_attention_levels_outside_0_to_2_are_refused() -> None:
     with pytest.raises(UsageError, match="attention_levels"):
         privimage.Config(attention_levels=3)
+
+
+# The drafts: a tiny dp-mepf inside privimage (no judges: they have their own tests).
+DRAFTED = ["--set", "privacy.accountant=rdp", "--set", "privimage.width=8", "--set",
+           "data.resolution=8", "--set", "privimage.pretrain_steps=2", "--set",
+           "privimage.pretrain_batch=8", "--set", "privimage.draft_images=12", "--set",
+           "privimage.draft_steps=2", "--set", "privimage.dp_steps=2", "--set",
+           "privimage.dp_batch=8", "--set", "privimage.physical_batch=8", "--set",
+           "privimage.query_epochs=1", "--set", "privimage.sample_steps=2", "--set",
+           "privimage.strength=0.2", "--set", "privimage.dpmepf.steps=3", "--set",
+           "privimage.dpmepf.split_bits=0", "--set", "privimage.dpmepf.judge=false", "--set",
+           "privimage.dpmepf.scatter_judge=false", "--set", "privimage.dpmepf.unbiased=false"]
+
+
+def test_drafts_are_charged_with_the_other_stages_and_sampling_starts_from_them(
+        tmp_path: Path) -> None:
+    from conftest import make_folder
+
+    private = make_folder(tmp_path / "private", per_class=10, size=8)
+    public = make_folder(tmp_path / "public", per_class=4, classes=tuple("abcde"), size=12, seed=3)
+    runner = CliRunner()
+    res = runner.invoke(app, ["fit", str(private), "--public", str(public), "--method", "privimage",
+                              "--epsilon", "4", "--out", str(tmp_path / "run"), *DRAFTED])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    cert = json.loads((run / "certificate.json").read_text())
+    names = [m["name"] for m in cert["mechanisms"]]
+    assert names == ["dpmepf.phi1", "dpmepf.phi2", "dpmepf.counts", "privimage.query",
+                     "privimage.dpsgd"]
+    assert certificate.check(cert) == []  # every stage recomputes to the spent epsilon
+    assert 4 * (1 - 2e-3) <= cert["epsilon"]["spent"] <= 4.0
+    by = {m["name"]: m for m in cert["mechanisms"]}
+    from privsynth.generators import dpmepf
+
+    drafts = dpmepf.Config(split_bits=0, judge=False, scatter_judge=False)
+    sigma = by["privimage.dpsgd"]["noise_multiplier"]  # drafts at draft_noise x DP-SGD's scale
+    expected = drafts.plan(sigma * privimage.Config().draft_noise)
+    assert [by[c.name]["noise_multiplier"] for c in expected] == pytest.approx(
+        [c.noise_multiplier for c in expected])
+    assert any("Drafts (dp-mepf" in note for note in cert["notes"])
+    assert any("N, which sets" in u and "dp_batch / N" in u for u in cert["unprotected"])
+    assert sorted(p.name for p in (run / "model").iterdir()) == ["config.json", "draft",
+                                                                  "unet.safetensors"]
+    res = runner.invoke(app, ["sample", str(run), "-n", "6", "--out", str(tmp_path / "syn")])
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(app, ["verify", str(tmp_path / "syn")]).exit_code == 0
+    card = (tmp_path / "syn" / "README.md").read_text()
+    assert "dp-mepf draft" in card
+
+
+def test_plan_composes_the_draft_releases_at_draft_noise_times_dpsgd_sigma() -> None:
+    cfg = privimage.Config(draft_noise=0.25, dp_steps=10, dp_batch=50)
+    charges = cfg.plan(2.0, 1000)
+    drafts = cfg.dpmepf.plan(0.5, 1000)  # 0.25 x 2.0
+    assert charges[:len(drafts)] == drafts
+    assert [c.name for c in charges[len(drafts):]] == ["privimage.query", "privimage.dpsgd"]
+    assert charges[-1].noise_multiplier == 2.0
+    assert privimage.Config(dp_steps=0).plan(1.0, 100)[-1].name == "privimage.query"
+
+
+def test_strength_below_one_needs_drafts_and_samples_stay_near_them() -> None:
+    with pytest.raises(UsageError, match="strength"):
+        privimage.Config(draft="none", strength=0.5)
+    with pytest.raises(UsageError, match="dp_steps"):
+        privimage.Config(draft="none", strength=1.0, dp_steps=0)
+    torch.manual_seed(0)
+    model = unet.build(TINY_UNET).eval()
+    start = torch.rand(4, 1, 8, 8) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 0])
+    near = unet.ddim_sample(model, labels, TINY_UNET, steps=2, guidance=1.0,
+                            generator=torch.Generator().manual_seed(1), start=start, t_start=5)
+    far = unet.ddim_sample(model, labels, TINY_UNET, steps=2, guidance=1.0,
+                           generator=torch.Generator().manual_seed(1))
+    assert (near - start).abs().mean() < 0.1 < (far - start).abs().mean()
