@@ -391,9 +391,10 @@ def test_label_agreement_is_high_for_true_labels_and_chance_for_shuffled_ones(
     good, bad = (r["label_agreement"] for r in report["runs"])
     judge = good["classifier"]
     assert judge == bad["classifier"]  # trained once, on the real images
-    assert sum(1 for c in calls if c[0].startswith("label-agreement classifier")) == 5  # epochs capped
+    epochs = sum(1 for c in calls if c[0].startswith("label-agreement classifier"))
+    assert epochs == ev.AGREEMENT_EPOCHS  # its own recipe
     assert judge["train_images"] == 90 and judge["validation_images"] == 10
-    assert "split of the --real images" in judge["selected_on"] and judge["recipe"]["epochs"] == 5
+    assert "split of the --real images" in judge["selected_on"] and judge["recipe"]["epochs"] == epochs
     assert judge["held_out_accuracy"] >= 0.75, judge  # the judge is worth listening to
     assert good["agreement"] >= 0.9 and good["images"] == 100 and good["chance"] == 0.5
     assert set(good["per_class"]) == {"across", "down"}
