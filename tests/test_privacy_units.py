@@ -346,8 +346,10 @@ def test_privimage_fit_per_person_states_the_unit_and_its_bound(tmp_path):
 
     private = _people(tmp_path / "m", PEOPLE, metadata=True)
     public = make_folder(tmp_path / "public", per_class=4, classes=tuple("abcd"), size=12)
-    tiny = {"privimage.draft": "none", "privimage.strength": 1.0,
-            "privacy.accountant": "rdp", "privimage.width": 8, "data.resolution": 8,
+    tiny = {"privimage.strength": 0.2, "privimage.draft_images": 8, "privimage.draft_steps": 2,
+            "privimage.dpmepf.steps": 2, "privimage.dpmepf.split_bits": 0,
+            "privimage.dpmepf.judge": "false", "privimage.dpmepf.scatter_judge": "false",
+            "privimage.dpmepf.unbiased": "false", "privacy.accountant": "rdp", "privimage.width": 8, "data.resolution": 8,
             "privimage.pretrain_steps": 2, "privimage.pretrain_batch": 8, "privimage.dp_steps": 3,
             "privimage.dp_batch": 2, "privimage.physical_batch": 4, "privimage.unit_images": 2,
             "privimage.query_epochs": 1, "privimage.sample_steps": 2}
@@ -367,3 +369,5 @@ def test_privimage_fit_per_person_states_the_unit_and_its_bound(tmp_path):
     assert "1 / (N ln N) with N = 4 privacy units" in cert["delta_rule"]
     assert any("at most 2 of a kept unit's images" in n for n in cert["notes"])
     assert "Per-unit bound:** histogram" in (tmp_path / "run" / "CERTIFICATE.md").read_text()
+    assert "dp-mepf releases: a unit's rows are weighted 1/m" in cert["unit"]["bound"]  # drafts
+    assert {"dpmepf.phi1", "dpmepf.counts"} <= {m["name"] for m in cert["mechanisms"]}

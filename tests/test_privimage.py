@@ -361,3 +361,31 @@ def test_strength_below_one_needs_drafts_and_samples_stay_near_them() -> None:
     far = unet.ddim_sample(model, labels, TINY_UNET, steps=2, guidance=1.0,
                            generator=torch.Generator().manual_seed(1))
     assert (near - start).abs().mean() < 0.1 < (far - start).abs().mean()
+
+
+def test_every_charge_of_a_drafted_fit_is_used_once_by_its_mechanism(tmp_path: Path) -> None:
+    """Each read of the private images is a charged mechanism: after the fit no recorded charge
+    is left unclaimed (Budget.claim refuses a mechanism without one, or a second use of one)."""
+    from conftest import make_folder
+
+    from privsynth.data import scan
+    from privsynth.features import load_encoder
+    from privsynth.generators import dpmepf
+
+    private = scan(make_folder(tmp_path / "private", per_class=6, size=8))
+    public = make_folder(tmp_path / "public", per_class=3, classes=tuple("abcd"), size=8, seed=3)
+    drafts = dpmepf.Config(steps=2, split_bits=0, judge=True, judge_epochs=1.0, judge_batch=4)
+    cfg = privimage.Config(width=8, pretrain_steps=1, pretrain_batch=4, draft_images=4,
+                           draft_steps=1, dp_steps=2, dp_batch=4, physical_batch=4,
+                           query_epochs=1, sample_steps=1, strength=0.1, dpmepf=drafts)
+    budget = Budget(epsilon=4.0, delta=1e-4, accountant="rdp")
+    gen = privimage.Generator(cfg, load_encoder("efficientnet-lite0", input_size=32),
+                              resolution=8, channels=1)
+    sampler = gen.fit(private, budget, public=public)
+    assert [c.name for c in budget.charges] == ["dpmepf.phi1", "dpmepf.phi2", "dpmepf.counts",
+                                                "dpmepf.judge", "privimage.query",
+                                                "privimage.dpsgd"]
+    assert budget.unclaimed() == []
+    images, labels = sampler.sample(5, seed=1)
+    assert images.shape == (5, 1, 8, 8) and images.dtype == torch.uint8
+    assert torch.equal(sampler.sample(5, seed=1)[0], images)  # seeded: post-processing only
