@@ -1,6 +1,7 @@
 """A PNG of downstream accuracy against epsilon: our latest row per (method, epsilon) from
 results.jsonl, the DPImageBench anchors, and the real-data ceiling. Drawn with Pillow only.
-Rows whose `--set` overrides change their recipe (ablations) are not drawn."""
+Rows whose `--set` overrides change their recipe (ablations), and rows made before their recipe
+file last changed (stale), are not drawn."""
 from __future__ import annotations
 
 import json
@@ -31,10 +32,32 @@ def latest(rows: list[dict], dataset: str) -> tuple[dict[str, dict[float, float]
         if row["method"].startswith("real data"):
             ceiling = 100 * row["accuracy"]
             continue
-        if _ablation(row):
+        if _ablation(row) or _stale(row):
             continue
         series.setdefault(row["method"], {})[float(row["epsilon_target"])] = 100 * row["accuracy"]
     return series, ceiling
+
+
+def _stale(row: dict) -> bool:
+    """Whether the row's recipe file, as it read at the row's commit, resolves to another recipe
+    than it does now (git show; comments do not count): the row is then not what the recipe
+    makes now. Unknown (no git, unknown commit): not stale."""
+    import subprocess
+
+    import tomllib
+
+    try:
+        res = subprocess.run(["git", "show", f"{row.get('commit', '')}:{row['recipe']}"],
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    except OSError:
+        return False
+    if res.returncode != 0:
+        return False
+    try:
+        then = recipes.resolve(tomllib.loads(res.stdout))
+    except Exception:  # a key the current code no longer reads: another recipe
+        return True
+    return then != recipes.resolve(recipes.read(Path(row["recipe"])))
 
 
 def _ablation(row: dict) -> bool:
