@@ -215,12 +215,17 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
     stmt = {"privacy_unit": "one image file", "post_processing": post, "notes": notes,
             "unprotected": []}
     if config.filters:  # their sample rates are batch / N: N is then declared (run._statement)
-        rates = {"dpmepf.judge": "judge_batch / N", "dpmepf.scatter_judge": "scatter_batch / N"}
         stmt["post_processing"] += " and redraws images a DP-SGD judge assigns to another class"
-        stmt["uses_n"] = ("the DP-SGD sample rate of " + " and ".join(
-            f"{name} ({rates[name]})" for name in config.filters) + ", and through it the sigma "
-            "of every release (all charges are calibrated together)")
+        stmt["uses_n"] = (judge_rates(config) + ", and through it the sigma of every release "
+                          "(all charges are calibrated together)")
     return stmt
+
+
+def judge_rates(config: Config) -> str:
+    """The label filters' use of N, in words: their DP-SGD sample rates are batch / N."""
+    rates = {"dpmepf.judge": "judge_batch / N", "dpmepf.scatter_judge": "scatter_batch / N"}
+    return "the DP-SGD sample rate of " + " and ".join(
+        f"{name} ({rates[name]})" for name in config.filters)
 
 
 @dataclass
@@ -332,8 +337,8 @@ class Generator:
         units = None if images.units is None else int(images.units.max()) + 1
         lr = self.config.judge_lr if name == "dpmepf.judge" else self.config.scatter_lr
         return judge.train(rows.to(self.device), images.labels, len(images.classes), budget,
-                           found[0], lr=lr, groups=unit_members(images.units, len(images), units), units=n,
-                           progress=progress)
+                           found[0], lr=lr, groups=unit_members(images.units, len(images), units),
+                           units=n, progress=progress)
 
     @torch.no_grad()
     def release(self, private: Listing, budget: Budget, charges: list[Charge],
@@ -541,8 +546,7 @@ class Sampler:
         slots = classes * self.cells
         if self.cells > 1:
             w = torch.tensor(self.weights, dtype=torch.float64).view(len(self.classes), self.cells)
-            slots = slots + torch.multinomial(w[classes].clamp(min=0) + 1e-12, 1,
-                                              generator=gen).squeeze(1)
+            slots = slots + torch.multinomial(w[classes], 1, generator=gen).squeeze(1)
         return self._draw(slots, gen)
 
     def card(self, *, counted: bool = True) -> dict:

@@ -90,8 +90,8 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
         post += (" and the draft generator: it is trained on the dp-mepf releases alone, its "
                  "images pretrain the UNet and each sample starts from one (noised to "
                  f"{config.strength:g} of the diffusion schedule); " + drafts["post_processing"])
-        if drafts.get("uses_n"):
-            uses_n.append(drafts["uses_n"].split(", and through it")[0])
+        if config.dpmepf.filters:
+            uses_n.append(dpmepf.judge_rates(config.dpmepf))
     stmt = {"privacy_unit": "one image file",
             "post_processing": post + "; class proportions from the noisy " +
                                ("counts" if config.draft == "dp-mepf" else "histogram"),
@@ -278,7 +278,7 @@ class Sampler:
     @property
     def t_start(self) -> int:
         """The timestep sampling starts from."""
-        return max(1, round(self.strength * unet.TRAIN_TIMESTEPS))
+        return unet.timesteps_below(self.strength)
 
     @torch.no_grad()
     def sample(self, n: int, *, seed: int = 0, balanced: bool = False, batch: int = 250,

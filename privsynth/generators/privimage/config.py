@@ -105,7 +105,7 @@ class Config:
     @property
     def t_max(self) -> int:
         """Timesteps trained and sampled: 0 .. t_max - 1."""
-        return max(1, round(self.strength * unet.TRAIN_TIMESTEPS))
+        return unet.timesteps_below(self.strength)
 
     def plan(self, scale: float, n: int) -> list[Charge]:
         """Every release for N = `n` privacy units at noise scale `scale`: the drafts' dp-mepf

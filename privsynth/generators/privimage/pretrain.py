@@ -61,12 +61,11 @@ def train(model: torch.nn.Module, images: Images, steps: int, cfg: Config, *, se
     first = 0 if saved is None else int(saved["step"])
     if saved is not None:
         model.load_state_dict(saved["model"])
-        if first >= steps:
-            return model
+    if first >= steps:  # done (a finished stage's state holds only the model)
+        return model
+    if saved is not None:
         opt.load_state_dict(saved["opt"])
         gen.set_state(saved["generator"])
-    if first >= steps:
-        return model
     x_all, y_all = images()
     net = distributed.data_parallel(model)  # DDP: backward averages the gradients over ranks
     alpha_bar = unet.schedule(device)

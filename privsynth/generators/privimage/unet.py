@@ -71,6 +71,11 @@ def drop_labels(y: torch.Tensor, classes: int, share: float, gen: torch.Generato
     return torch.where(drop, torch.full_like(y, classes), y)
 
 
+def timesteps_below(strength: float) -> int:
+    """How many timesteps (0 .. n - 1) a `strength` share of the schedule spans (at least 1)."""
+    return max(1, round(strength * TRAIN_TIMESTEPS))
+
+
 def loss_draws(x: torch.Tensor, gen: torch.Generator,
                t_max: int = TRAIN_TIMESTEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """A random timestep below `t_max` and a noise image per row of `x`: the DDPM loss's inputs
