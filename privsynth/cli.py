@@ -1,4 +1,4 @@
-"""The `privsynth` command line: fit, sample, evaluate, verify, inspect.
+"""The `privsynth` command line: fit, sample, evaluate, verify, inspect, audit.
 
 Results go to stdout (a JSON document with --json), progress and messages to stderr. Library
 errors become exit codes here and only here:
@@ -365,7 +365,9 @@ def fit(
     The whole request (method, epsilon, recipe, --out) is checked before anything is written."""
     from privsynth import recipe as recipes
     from privsynth import run
+    from privsynth.privacy import mechanisms
 
+    mechanisms.check_noise_on()  # the audit's no-noise control never reaches a real fit
     if resume is not None:  # `fit --resume RUN` is routed to `resume` before fit parses its flags
         raise UsageError("use `privsynth resume RUN`")
     raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
@@ -399,7 +401,9 @@ def resume_(
     It takes the inputs the fit recorded and reuses its recorded charges: the certificate equals
     the one an uninterrupted fit would have written. `fit --resume RUN` is the same command."""
     from privsynth import run
+    from privsynth.privacy import mechanisms
 
+    mechanisms.check_noise_on()  # as in fit
     _fit_and_report(lambda bars: run.resume(run_dir, progress=bars), run_dir, json_out)
 
 
@@ -643,6 +647,82 @@ def verify(
     _emit(result, json_out, f"OK: epsilon recomputes to {result['epsilon_recomputed']:.4g} "
           f"(delta {cert['delta']:.3g}); " + ("manifest matches" if (Path(path) / "MANIFEST.sha256")
                                               .is_file() else "no manifest here"))
+
+
+EXAMPLES_AUDIT = """
+Examples:\n
+  privsynth audit assets/demo/private --method dp-mepf --epsilon 1 --canaries 200 --out audits/demo\n
+  privsynth audit assets/demo/private --method dp-mepf --epsilon 1 --control no-noise --json   (the positive control: its bound must exceed 1)
+"""
+
+
+@app.command("audit", cls=_Command, epilog=EXAMPLES_AUDIT)
+def audit_(
+    private: Annotated[Path, typer.Argument(metavar="PRIVATE", show_default=False,
+                                            help="Private image folder (ImageFolder or flat), "
+                                                 "read as `fit` reads it; never written to.")],
+    method: Annotated[Optional[str], typer.Option(
+        metavar="[" + "|".join(METHODS) + "]", callback=_method,
+        help="The generator (or set `method` in the recipe).")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(
+        metavar="EPSILON", help="Target epsilon of the audited fit (> 0).")] = None,
+    canaries: Annotated[int, typer.Option(metavar="K", help="Canary images, each included with "
+                                          "probability 1/2 (more canaries: a higher possible "
+                                          "bound).")] = 64,
+    public: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="Public labelled image "
+                                                   "folder (privimage), as for fit.")] = None,
+    delta: Annotated[Optional[float], typer.Option(metavar="DELTA", help="Target delta (default "
+                                                   "1/(N ln N) of PRIVATE).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(metavar="FILE", help="TOML recipe file, as "
+                                                   "for fit.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override "
+                                                      "a recipe key (repeatable).")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Torch device: cpu, "
+                                                  "cuda (overrides run.device).")] = None,
+    control: Annotated[str, typer.Option(metavar="[none|no-noise]", help="no-noise: the positive "
+                                         "control, the same fit with every noise draw zero (its "
+                                         "certificate does not hold).")] = "none",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FOLDER", help="New folder "
+                                                "for AUDIT.md, audit.json and scores.svg.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Measure a lower bound on epsilon from one real fit with canaries (Steinke, Nasr and
+    Jagielski 2023), at 95 % confidence: a bug detector, not a proof (docs/audit.md).
+
+    The fit runs as `fit` would on PRIVATE plus the included canaries; its run is discarded and
+    its spend is not recorded in PRIVATE's ledger. Exits 6 when the bound exceeds the certified
+    epsilon."""
+    from privsynth import audit as audits
+    from privsynth import recipe as recipes
+    from privsynth.audit.report import summary
+
+    raw = recipes.apply_overrides(recipes.read(recipe), set_ or [])
+    if method is not None:
+        raw["method"] = method
+    if device is not None:
+        raw.setdefault("run", {})["device"] = device
+    if epsilon is not None and not epsilon > 0:
+        raise UsageError(f"--epsilon must be > 0, got {epsilon:g}")
+    resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta)
+    if not resolved.privacy.epsilon > 0:
+        raise UsageError("--epsilon is required (or set privacy.epsilon in the recipe)")
+    bars = _progress(json_out)
+    with bars.progress:
+        result = audits.audit(private, resolved, public=public, canaries=canaries,
+                              control=control, out=out, progress=bars)
+    g = result["guesses"] or {}
+    _emit(summary(result) | ({"report": str(out / "AUDIT.md")} if out else {}), json_out,
+          f"audit of {result['method']}{' (no-noise control)' if control == 'no-noise' else ''}: "
+          f"certified epsilon={result['certified_epsilon']:.4g} (delta {result['delta']:.3g}), "
+          f"empirical lower bound {result['epsilon_lower_bound']:.4g} at 95% confidence "
+          f"[{result['verdict']}]\n"
+          f"  guesses: {g.get('k_in', 0)} in ({g.get('correct_in', 0)} right), {g.get('k_out', 0)} "
+          f"out ({g.get('correct_out', 0)} right); score: {result['score']}; "
+          f"{result['canaries']} canaries, {result['included']} included; fit {result['fit_seconds']:.0f} s"
+          + (f"\n  report: {out / 'AUDIT.md'}" if out else ""))
+    if result["verdict"] == "VIOLATION":
+        raise VerificationError(f"the lower bound {result['epsilon_lower_bound']:.4g} exceeds the "
+                                f"certified epsilon {result['certified_epsilon']:.4g}")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from privsynth.cli import app
 from privsynth.privacy import ledger as ledgers
 
 runner = CliRunner()
-COMMANDS = ["fit", "resume", "sample", "evaluate", "budget", "inspect", "verify"]
+COMMANDS = ["fit", "resume", "sample", "evaluate", "budget", "inspect", "verify", "audit"]
 TINY = ["--set", "dpmepf.steps=3", "--set", "dpmepf.batch_per_class=2", "--set", "dpmepf.width=16",
         "--set", "data.resolution=16", "--set", "features.input_size=32"]
 

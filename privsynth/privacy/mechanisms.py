@@ -2,11 +2,18 @@
 
 Noise comes from NumPy's PCG64 seeded with 256 bits from the OS (`os.urandom`); the seed is never
 stored or logged, and `--seed` never reaches this module.
+
+`privsynth audit` (privsynth.audit) is the one other user of this module's state: inside its own
+fit (`audit_scope`) it sees every `GaussianSum` release, and its positive control turns every
+noise draw into zeros (`noise_off`). That switch is an in-process flag (no environment variable,
+recipe key or `fit` flag reaches it), and outside an audit any fit or draw of noise under it is
+refused (`check_noise_on`), so no certificate can be issued for a noiseless release.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +23,42 @@ from privsynth.errors import BudgetError
 from privsynth.privacy.budget import Budget, Charge
 
 
+# The audit's state (module doc): set only by the two context managers below.
+_AUDIT: dict = {"depth": 0, "noise_off": 0, "observers": []}
+
+
+@contextlib.contextmanager
+def audit_scope(observe: Callable[["Charge", torch.Tensor], None] | None = None) -> Iterator[None]:
+    """`privsynth audit`'s own fit: `observe(charge, noisy sums)` sees each GaussianSum release."""
+    _AUDIT["depth"] += 1
+    if observe is not None:
+        _AUDIT["observers"].append(observe)
+    try:
+        yield
+    finally:
+        _AUDIT["depth"] -= 1
+        if observe is not None:
+            _AUDIT["observers"].remove(observe)
+
+
+@contextlib.contextmanager
+def noise_off() -> Iterator[None]:
+    """The audit's positive control: every draw is 0. Usable inside `audit_scope` only."""
+    _AUDIT["noise_off"] += 1
+    try:
+        yield
+    finally:
+        _AUDIT["noise_off"] -= 1
+
+
+def check_noise_on() -> None:
+    """Refuse (BudgetError) when noise is switched off outside an audit: a fit must not run."""
+    if _AUDIT["noise_off"] and not _AUDIT["depth"]:
+        raise BudgetError("noise is switched off (privsynth.privacy.mechanisms.noise_off): only "
+                          "`privsynth audit --control no-noise` may release without noise; a fit "
+                          "is refused")
+
+
 class NoiseSource:
     """Gaussian noise from a generator seeded from OS entropy (never from a user seed)."""
 
@@ -23,11 +66,15 @@ class NoiseSource:
                    "sampler": "numpy Generator.normal (float64)", "seed_recorded": False}
 
     def __init__(self) -> None:
+        check_noise_on()
         entropy = int.from_bytes(os.urandom(32), "little")
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
     def normal(self, shape: tuple[int, ...], std: float) -> np.ndarray:
-        """Independent N(0, std^2) draws, float64."""
+        """Independent N(0, std^2) draws, float64 (zeros only under the audit's control)."""
+        check_noise_on()
+        if _AUDIT["noise_off"]:
+            return np.zeros(shape)
         return self._rng.normal(0.0, std, size=shape)
 
 
@@ -112,4 +159,6 @@ class GaussianSum:
             total += torch.from_numpy(self._noise.normal(tuple(total.shape), std))
         if self._sharded:
             distributed.all_sum([total])
+        for observe in list(_AUDIT["observers"]):  # privsynth audit only (module doc)
+            observe(self.charge, total.clone())
         return total
