@@ -3,20 +3,25 @@
 Layout of `out/`:
     <class>/<index:06d>.png   one PNG per image, no text/EXIF chunks; `index` is its row in `images`
     metadata.jsonl            {"file_name": "<class>/<index>.png", "label": "<class>"} per image
+    classes.json              every class name, in class-index order (empty classes included)
     certificate.json          the privacy certificate, as given
-    README.md                 a dataset card (method, epsilon, delta, counts, what DP covers)
+    README.md                 a dataset card: YAML header (license, Hugging Face ClassLabel
+                              features in class-index order), method, epsilon, delta, counts
     MANIFEST.sha256           `sha256sum -c` format, every other file, sorted by path
 
 The folder appears all at once: it is written under a hidden sibling `.<name>.partial-<hex>` and
 renamed to `out` only when complete, so a crash never leaves a half dataset under the real name.
-Only classes with at least one image get a folder (torchvision refuses empty class folders); the
-card lists every class with its count, zeros included.
+Only classes with at least one image get a folder (torchvision refuses empty class folders), so
+`ImageFolder`'s indices (sorted folder names) can differ from the model's and from a real test set's:
+`classes.json` and the card's ClassLabel block keep the true order, and the card lists every class
+with its count, zeros included.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import re
 import secrets
 import shutil
 from collections.abc import Iterator, Sequence
@@ -27,15 +32,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from privsynth import __version__
+from privsynth import __version__, manifest
 from privsynth.errors import UsageError
-from privsynth.files import sha256_of
 
-MANIFEST = "MANIFEST.sha256"
+MANIFEST = manifest.MANIFEST
 METADATA = "metadata.jsonl"
+CLASSES = "classes.json"
 CERTIFICATE = "certificate.json"
 CARD = "README.md"
-RESERVED = {MANIFEST, METADATA, CERTIFICATE, CARD}
+RESERVED = {MANIFEST, METADATA, CLASSES, CERTIFICATE, CARD}
+# The card's `license:` unless the card dict names one: the images are the data owner's to
+# license (privsynth's own Apache-2.0 does not cover what it generates), so the default says so.
+DEFAULT_LICENSE = "other"
 # PIL's default. Measured on 10k MNIST digits: level 1 writes ~2x faster for 3% larger files,
 # level 9 saves 1% more and is slower.
 PNG_COMPRESS_LEVEL = 6
@@ -50,18 +58,20 @@ def write_dataset(
     certificate: dict,
     card: dict,
 ) -> Path:
-    """Write images, metadata, certificate, card and manifest to a new folder `out`; return it."""
+    """Write images, metadata, class list, certificate, card and manifest to a new folder `out`;
+    return it."""
     out = Path(out)
     pixels, label_list = _check_arrays(images, labels, len(classes))
     classes = _check_classes(classes)
     _check_target(out)
     cert_text = json.dumps(certificate, indent=2, sort_keys=True, allow_nan=False) + "\n"
     card_text = render_card(card, classes, np.bincount(label_list, minlength=len(classes)))
+    classes_text = json.dumps(list(classes), ensure_ascii=False) + "\n"
     with atomic_folder(out) as partial:
         digests = _write_images(partial, pixels, label_list, classes)
-        for name, text in ((CERTIFICATE, cert_text), (CARD, card_text)):
+        for name, text in ((CLASSES, classes_text), (CERTIFICATE, cert_text), (CARD, card_text)):
             digests[name] = _write_bytes(partial / name, text.encode("utf-8"))
-        _write_manifest(partial, digests)
+        manifest.write(partial, digests)
     return out
 
 
@@ -85,24 +95,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 def verify_manifest(folder: Path) -> list[str]:
     """Problems found checking `folder` against its MANIFEST.sha256; empty when all is well."""
     folder = Path(folder)
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return [f"{MANIFEST} is missing"]
-    problems, listed = [], set()
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        digest, sep, rel = line.partition("  ")
-        if not sep or len(digest) != 64 or not rel or rel.startswith("/") or ".." in rel.split("/"):
-            problems.append(f"{MANIFEST} line {n}: not '<sha256>  <relative path>'")
-            continue
-        listed.add(rel)
-        path = folder / rel
-        if not path.is_file():
-            problems.append(f"missing: {rel}")
-        elif sha256_of(path) != digest.lower():
-            problems.append(f"changed: {rel}")
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    problems += [f"not in manifest: {rel}" for rel in sorted(present - listed - {MANIFEST})]
-    return problems
+    return manifest.verify(folder, (p for p in folder.rglob("*") if p.is_file()))
 
 
 def render_card(card: dict, classes: Sequence[str], counts: Sequence[int]) -> str:
@@ -112,12 +105,14 @@ def render_card(card: dict, classes: Sequence[str], counts: Sequence[int]) -> st
         raise ValueError(f"card needs {', '.join(missing)}")
     eps, delta = card["epsilon"], card["delta"]
     rows = "\n".join(f"| {name} | {int(count)} |" for name, count in zip(classes, counts))
-    facts = {"method", "epsilon", "delta", "images", "classes"}  # counted here, not taken on trust
+    facts = {"method", "epsilon", "delta", "images", "classes", "license"}  # not repeated below
     extra = "".join(f"- {k}: {v}\n" for k, v in sorted(card.items()) if k not in facts)
+    license_id = card.get("license", DEFAULT_LICENSE)
     return f"""---
+license: {_yaml_scalar(license_id)}
 tags: [synthetic, differential-privacy, privsynth]
 task_categories: [image-classification]
----
+{_features_yaml(classes)}---
 # Synthetic image dataset ({card["method"]}, ε = {eps:g}, δ = {delta:g})
 
 Every image in this folder is **synthetic**: drawn from a generative model trained with
@@ -140,8 +135,39 @@ from it and checks every file against `MANIFEST.sha256`.
 {rows}
 
 Layout: `<class>/<index>.png` (torchvision `ImageFolder`), `metadata.jsonl` (Hugging Face
-`imagefolder`), and `MANIFEST.sha256` (check with `sha256sum -c MANIFEST.sha256`).
-"""
+`imagefolder`), `classes.json` (every class name in class-index order) and `MANIFEST.sha256`
+(check with `sha256sum -c MANIFEST.sha256`). Classes with no image get no folder, so
+`ImageFolder`'s indices can differ from the class order above and from a real test set's: map
+labels through `classes.json`. `datasets.load_dataset("<this folder>")` reads `label` as the
+ClassLabel declared in this card's header, in that order.
+{_license_note(license_id, card)}"""
+
+
+def _license_note(license_id: str, card: dict) -> str:
+    if "license" in card:
+        return f"\nLicense: {license_id}.\n"
+    return ("\nLicense: not set (`license: other`). The data owner decides how these images may be "
+            "used;\nset the header's `license:` before publishing.\n")
+
+
+def _yaml_string(text: str) -> str:
+    """`text` as a YAML double-quoted scalar (JSON's escapes are valid YAML)."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
+def _yaml_scalar(text: str) -> str:
+    """A license id as the Hub writes it (`apache-2.0`, `other`), quoted only when it must be."""
+    return text if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", text) else _yaml_string(text)
+
+
+def _features_yaml(classes: Sequence[str]) -> str:
+    """The Hugging Face features (image, ClassLabel in class-index order), twice: `dataset_info`
+    describes the data on the Hub, and the default config's `features` makes
+    `datasets.load_dataset(folder)` apply it (a folder loader ignores `dataset_info`)."""
+    names = "".join(f"          '{i}': {_yaml_string(name)}\n" for i, name in enumerate(classes))
+    features = ("  features:\n  - name: image\n    dtype: image\n  - name: label\n    dtype:\n"
+                "      class_label:\n        names:\n" + names)
+    return "dataset_info:\n" + features + "configs:\n- config_name: default\n" + features
 
 
 def _check_arrays(
@@ -219,11 +245,6 @@ def _write_images(
         rows.append(json.dumps({"file_name": rel, "label": classes[label]}, ensure_ascii=False))
     digests[METADATA] = _write_bytes(folder / METADATA, ("\n".join(rows) + "\n").encode("utf-8"))
     return digests
-
-
-def _write_manifest(folder: Path, digests: dict[str, str]) -> None:
-    lines = [f"{digests[rel]}  {rel}\n" for rel in sorted(digests)]
-    (folder / MANIFEST).write_text("".join(lines), encoding="utf-8")
 
 
 def _publish(partial: Path, out: Path) -> None:

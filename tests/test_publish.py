@@ -78,7 +78,9 @@ def test_metadata_rows_match_files(grey) -> None:
 def test_layout_card_and_certificate(grey) -> None:
     out, _, _ = grey
     top = sorted(p.name for p in out.iterdir())
-    assert top == ["MANIFEST.sha256", "README.md", "cat", "certificate.json", "dog", "eel", "metadata.jsonl"]
+    assert top == ["MANIFEST.sha256", "README.md", "cat", "certificate.json", "classes.json", "dog", "eel",
+                   "metadata.jsonl"]
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog", "eel"]
     assert json.loads((out / "certificate.json").read_text()) == CERT
     card = (out / "README.md").read_text()
     assert "synthetic" in card and "dp-mepf" in card and "epsilon: 1" in card and "delta: 1e-05" in card
@@ -90,7 +92,7 @@ def test_manifest_verifies_and_catches_tampering(grey) -> None:
     out, _, _ = grey
     lines = (out / "MANIFEST.sha256").read_text().splitlines()
     paths = [line.split("  ", 1)[1] for line in lines]
-    assert paths == sorted(paths) and "MANIFEST.sha256" not in paths and len(paths) == 10 + 3
+    assert paths == sorted(paths) and "MANIFEST.sha256" not in paths and len(paths) == 10 + 4
     assert publish.verify_manifest(out) == []
     png = out / paths[0]
     raw = bytearray(png.read_bytes())
@@ -107,8 +109,8 @@ def test_manifest_missing_or_malformed(tmp_path: Path, grey) -> None:
     with open(out / "MANIFEST.sha256", "a") as handle:
         handle.write("nonsense\n" + "0" * 64 + "  ../outside\n")
     assert publish.verify_manifest(out) == [
-        "MANIFEST.sha256 line 14: not '<sha256>  <relative path>'",
-        "MANIFEST.sha256 line 15: not '<sha256>  <relative path>'"]
+        "MANIFEST.sha256 line 15: not '<sha256>  <relative path>'",
+        "MANIFEST.sha256 line 16: not '<sha256>  <relative path>'"]
     (out / "MANIFEST.sha256").unlink()
     assert publish.verify_manifest(out) == ["MANIFEST.sha256 is missing"]
 
@@ -198,10 +200,51 @@ def test_unserialisable_certificate_fails_before_any_pixel_is_written(tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_classes_without_images_get_no_folder_but_a_zero_in_the_card(tmp_path: Path) -> None:
-    out = _write(tmp_path / "synth", _images(3, 1), torch.tensor([0, 0, 2]))
-    assert not (out / "dog").exists() and "| dog | 0 |" in (out / "README.md").read_text()
-    assert len(ImageFolder(str(out))) == 3
+def _card_header(out: Path) -> dict:
+    import yaml  # PyYAML: a dependency of `datasets`, in the [test] extra
+    text = (out / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def _class_label_names(features: list[dict]) -> list[str]:
+    assert [f["name"] for f in features] == ["image", "label"] and features[0]["dtype"] == "image"
+    names = features[1]["dtype"]["class_label"]["names"]
+    assert sorted(names, key=int) == [str(i) for i in range(len(names))]  # '0', '1', ... every index
+    return [names[str(i)] for i in range(len(names))]
+
+
+def test_classes_without_images_keep_their_index_in_classes_json_and_the_card(tmp_path: Path) -> None:
+    classes = ("zebra", "ant", "moth")  # not sorted: ImageFolder would renumber them
+    out = _write(tmp_path / "synth", _images(3, 1), torch.tensor([0, 0, 2]), classes=classes)
+    assert not (out / "ant").exists() and "| ant | 0 |" in (out / "README.md").read_text()
+    folder = ImageFolder(str(out))
+    assert len(folder) == 3 and folder.classes == ["moth", "zebra"]  # the index shift classes.json fixes
+    assert json.loads((out / "classes.json").read_text()) == list(classes)
+    header = _card_header(out)
+    assert _class_label_names(header["dataset_info"]["features"]) == list(classes)
+    config = header["configs"][0]
+    assert config["config_name"] == "default" and _class_label_names(config["features"]) == list(classes)
+    assert publish.verify_manifest(out) == []  # classes.json is in the manifest
+    assert "classes.json" in (out / "MANIFEST.sha256").read_text()
+
+
+def test_card_header_license_default_and_given(tmp_path: Path) -> None:
+    out = _write(tmp_path / "synth", _images(2, 1), torch.tensor([0, 1]))
+    header = _card_header(out)
+    assert header["license"] == "other" and "image-classification" in header["task_categories"]
+    assert "set the header's `license:` before publishing" in (out / "README.md").read_text()
+    given = publish.write_dataset(tmp_path / "cc", _images(2, 1), torch.tensor([0, 1]), ["a", "b"],
+                                  certificate=CERT, card=dict(CARD, license="cc-by-4.0"))
+    assert _card_header(given)["license"] == "cc-by-4.0"
+    assert "- license:" not in (given / "README.md").read_text()  # in the header, not repeated
+
+
+def test_class_names_that_need_yaml_quoting_survive_the_header(tmp_path: Path) -> None:
+    classes = ("yes", "null", '"quoted" #x', "2: b", "é")
+    out = _write(tmp_path / "synth", _images(5, 1), torch.arange(5), classes=classes)
+    assert _class_label_names(_card_header(out)["dataset_info"]["features"]) == list(classes)
+    assert json.loads((out / "classes.json").read_text(encoding="utf-8")) == list(classes)
 
 
 @pytest.mark.parametrize("images, labels", [
@@ -228,8 +271,29 @@ def test_card_needs_method_epsilon_delta(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_hugging_face_imagefolder_reads_it(grey) -> None:
-    datasets = pytest.importorskip("datasets")
-    out, images, labels = grey
-    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
-    assert len(ds) == 10 and sorted(ds["label"]) == sorted("cat dog eel".split()[i] for i in labels)
+def test_hugging_face_datasets_reads_it_with_the_card_class_labels(tmp_path: Path, monkeypatch) -> None:
+    """`datasets` is in the [test] extra, so this runs: offline (no socket may connect), with its
+    cache inside tmp_path."""
+    import socket
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # if imported before the env was set
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access from the Hugging Face test: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    classes = ("zebra", "ant", "moth")  # "ant" gets no image: no folder, but keeps index 1
+    images, labels = _images(4, 1), torch.tensor([2, 0, 2, 0])
+    out = _write(tmp_path / "synth", images, labels, classes=classes)
+    cache = str(tmp_path / "hf-cache")
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=cache)  # reads the card's header
+    assert ds.features["label"].names == list(classes)
+    assert ds["label"] == labels.tolist()  # indices as the model's, not re-numbered from folders
+    assert [np.asarray(img)[0, 0] for img in ds["image"]] == images[:, 0, 0, 0].tolist()
+    plain = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=cache)
+    assert plain["label"] == [classes[i] for i in labels]  # metadata.jsonl's names, file by file
