@@ -165,3 +165,26 @@ def test_audit_refuses_bad_requests(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--control" in res.output
     res = runner.invoke(app, [*base, "--set", "privacy.unit=folder:1"])
     assert res.exit_code == 2 and "privacy.unit=image" in res.output
+
+
+def test_bench_audit_appends_a_row_at_tiny_scale(tmp_path: Path) -> None:
+    """bench/audit.py's MNIST benchmark on a tiny folder: recipes/mnist-dpmepf.toml (cells,
+    both DP-SGD judges) with tiny sizes, one audit."""
+    from bench import audit as bench_audit
+
+    assert bench_audit.plan(["dp-mepf", "privimage"], [1.0, 10.0], 1.0) == [
+        ("dp-mepf", 1.0, "none"), ("dp-mepf", 10.0, "none"), ("privimage", 1.0, "none"),
+        ("privimage", 10.0, "none"), ("dp-mepf", 1.0, "no-noise"), ("privimage", 1.0, "no-noise")]
+    private = make_folder(tmp_path / "private", per_class=10, size=16)
+    overrides = ["dpmepf.steps=3", "dpmepf.width=8", "data.resolution=16", "dpmepf.judge_epochs=1",
+                 "dpmepf.scatter_epochs=1", "dpmepf.judge_batch=8", "dpmepf.scatter_batch=8",
+                 "privacy.accountant=rdp", "privacy.delta=1e-6"]
+    argv = ["--methods", "dp-mepf", "--epsilons", "1", "--control-epsilon", "-1", "--canaries",
+            "32", "--private", str(private), "--work", str(tmp_path / "work"), "--results",
+            str(tmp_path / "results")]
+    assert bench_audit.main(argv + [x for o in overrides for x in ("--set", o)]) == 0
+    table = (tmp_path / "results" / "AUDIT.md").read_text().splitlines()
+    assert table[0].startswith("| method | control | certified eps") and len(table) == 3
+    row = json.loads((tmp_path / "results" / "audit.jsonl").read_text())
+    assert row["canaries"] == 32 and row["epsilon_lower_bound"] <= row["certified_epsilon"]
+    assert len(list((tmp_path / "work" / "audits").glob("*/AUDIT.md"))) == 1

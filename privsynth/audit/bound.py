@@ -12,7 +12,7 @@ v of them correct. If the algorithm is (epsilon, delta)-DP, the paper's approxim
 so every epsilon with p(epsilon) < 1 - confidence is rejected, and the largest such epsilon is a
 lower bound at that confidence. With delta = 0 and all r guesses correct, p = q^r, so the bound
 can never pass log(q / (1 - q)) with q = (1 - confidence)^(1 / r): one run with m canaries caps
-the measurable epsilon (about 1.9 for r = 32 at 99 %, 5.2 for r = 1000 at 99.5 %).
+the measurable epsilon (1.87 for r = 32 at 99 %, 5.24 for r = 1000 at 99.5 %; see `ceiling`).
 
 k+ and k-: the paper sweeps them and reports the best bound. Here the candidates are fixed
 before any score is seen (k+ = k- = k for k = m/2, m/4, ... down to 5) and each is tested at
