@@ -32,7 +32,6 @@ from privsynth import data, run
 from privsynth.audit import bound, scores
 from privsynth.audit.report import write_report
 from privsynth.errors import UsageError
-from privsynth.generators import method_module
 from privsynth.privacy import mechanisms
 from privsynth.recipe import Recipe
 
@@ -134,23 +133,20 @@ def _score(recipe: Recipe, listing: data.Listing, released: list, canary_set: da
            model: Path) -> dict[str, np.ndarray]:
     """Each score kind the method's releases allow (name -> one score per canary)."""
     kinds = {}
+    device = recipe.run.device  # the fit ran there
     if any(charge.name in scores.ROWS for charge, _ in released):
         encoder = run.encoder_for(recipe)
         feature_batch = getattr(recipe.generator, "feature_batch", None) or getattr(
             getattr(recipe.generator, "dpmepf", None), "feature_batch", 256)
-        device = run._device(recipe.run.device, explicit=False)
         known = data.load(listing, resolution=recipe.data.resolution,
                           channels=int(recipe.data.channels))
         kinds["releases"] = scores.release_scores(
             released, len(listing.classes),
             (scores.encode(encoder, known, feature_batch, device), known.labels),
             (scores.encode(encoder, canary_set, feature_batch, device), canary_set.labels)).numpy()
-    if recipe.method == "privimage":
-        kind = method_module(recipe.method).Sampler
-        extra = {"encoder": run.encoder_for(recipe)} if kind.needs_encoder(model) else {}
-        sampler = kind.load(model, **extra)
-        kinds["unet_loss"] = scores.unet_scores(sampler, canary_set.images,
-                                                canary_set.labels).numpy()
+    if (model / "unet.safetensors").is_file():  # privimage's published denoiser
+        kinds["unet_loss"] = scores.unet_scores(model, canary_set.images, canary_set.labels,
+                                                device=device).numpy()
     if not kinds:
         raise UsageError(f"audit has no score for {recipe.method}'s releases")
     return kinds

@@ -11,7 +11,9 @@
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -74,28 +76,32 @@ def release_scores(releases: list[tuple[Charge, torch.Tensor]], classes: int,
 
 
 @torch.no_grad()
-def unet_scores(sampler, images: torch.Tensor, labels: torch.Tensor, *, draws: int = 16,
-                batch: int = 256, seed: int = 0) -> torch.Tensor:
-    """Minus the mean denoising loss of privimage's published UNet on each canary (uint8
-    images), over `draws` (timestep, noise) pairs from a fixed public seed, the same pairs for
-    every canary."""
-    from privsynth.generators.privimage import semantic, unet
+def unet_scores(model: Path, images: torch.Tensor, labels: torch.Tensor, *, draws: int = 16,
+                batch: int = 256, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """Minus the mean denoising loss of privimage's published UNet (`model`: the run's model
+    folder, read from its files) on each canary (uint8 images), over `draws` (timestep, noise)
+    pairs from a fixed public seed, the same pairs for every canary, below the share of the
+    schedule the UNet was trained on."""
+    from safetensors.torch import load_file
 
-    model = sampler.model.eval()
-    device = next(model.parameters()).device
+    from privsynth.generators.privimage import unet
+
+    meta = json.loads((model / "config.json").read_text())
+    net = unet.build(unet.UNetConfig.from_dict(meta["unet"]))
+    net.load_state_dict(load_file(str(model / "unet.safetensors")))
+    net = net.to(device).eval()
     alpha_bar = unet.schedule(device)
-    t_max = sampler.t_start  # the share of the schedule it was trained on
+    t_max = unet.timesteps_below(float(meta.get("strength", 1.0)))
     gen = torch.Generator().manual_seed(seed)
     shape = images.shape[1:]
     pairs = [(torch.randint(t_max, (1,), generator=gen), torch.randn(shape, generator=gen))
              for _ in range(draws)]
-    x_all = semantic.scaled(images)
     loss = torch.zeros(len(images), dtype=torch.float64)
     for start in range(0, len(images), batch):
-        x = x_all[start:start + batch].to(device)
+        x = (images[start:start + batch].float() / 127.5 - 1.0).to(device)  # as the UNet trains
         y = labels[start:start + batch].to(device)
         for t, noise in pairs:
-            tt = t.expand(len(x)).to(device)
             e = noise.expand(len(x), *shape).to(device)
-            loss[start:start + len(x)] += unet.denoising_loss(model, x, tt, y, e, alpha_bar).double().cpu()
+            part = unet.denoising_loss(net, x, t.expand(len(x)).to(device), y, e, alpha_bar)
+            loss[start:start + len(x)] += part.double().cpu()
     return -loss / draws
