@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("dataset", choices=["mnist", "cifar10"])
     run.add_argument("--method", default="dp-mepf", choices=["dp-mepf", "privimage"])
     run.add_argument("--epsilon", type=float, required=True)
-    run.add_argument("--recipe", default=None, help="recipe file [default: recipes/mnist-<method>.toml]")
+    run.add_argument("--recipe", default=None, help="recipe file over the defaults for the data "
+                     "(privsynth.defaults) [default: none]")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      help="recipe override section.key=value (repeatable)")
     run.add_argument("--synthetic", type=int, default=60000, help="synthetic images to sample")
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--method", default="dp-mepf", choices=["dp-mepf", "privimage"])
     scale.add_argument("--epsilon", type=float, default=10.0)
     scale.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 55000])
-    scale.add_argument("--recipe", default=None, help="recipe file [default: recipes/mnist-<method>.toml]")
+    scale.add_argument("--recipe", default=None, help="recipe file over the defaults for the "
+                       "data (privsynth.defaults) [default: none]")
     scale.add_argument("--set", dest="overrides", action="append", default=[],
                        help="recipe override section.key=value (repeatable)")
     chart = sub.add_parser("chart", help="PNG of accuracy against epsilon with the anchors")

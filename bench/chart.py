@@ -1,7 +1,7 @@
 """A PNG of downstream accuracy against epsilon: our latest row per (method, epsilon) from
 results.jsonl, the DPImageBench anchors, and the real-data ceiling. Drawn with Pillow only.
-Rows whose `--set` overrides change their recipe (ablations), and rows made before their recipe
-file last changed (stale), are not drawn."""
+Rows whose `--set` overrides change their recipe (ablations), and rows whose recipe is not what
+`bench run` makes now for their command (stale: see `_stale`), are not drawn."""
 from __future__ import annotations
 
 import json
@@ -39,33 +39,61 @@ def latest(rows: list[dict], dataset: str) -> tuple[dict[str, dict[float, float]
 
 
 def _stale(row: dict) -> bool:
-    """Whether the row's recipe file, as it read at the row's commit, resolves to another recipe
-    than it does now (git show; comments do not count): the row is then not what the recipe
-    makes now. Unknown (no git, unknown commit): not stale."""
+    """Whether the row's recipe differs from the one `bench run` makes now for its command
+    (`_now`): the resolved recipe the row recorded, or for older rows its recipe file as it read
+    at the row's commit (git show; comments do not count). Epsilon and delta are the row's own
+    and do not count. Unknown (no git, unknown commit): not stale."""
     import subprocess
 
     import tomllib
 
+    if "resolved" in row:
+        then = recipes.from_dict(row["resolved"])
+    else:
+        try:
+            res = subprocess.run(["git", "show", f"{row.get('commit', '')}:{row['recipe']}"],
+                                 capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        except OSError:
+            return False
+        if res.returncode != 0:
+            return False
+        try:
+            then = recipes.resolve(tomllib.loads(res.stdout))
+        except Exception:  # a key the current code no longer reads: another recipe
+            return True
     try:
-        res = subprocess.run(["git", "show", f"{row.get('commit', '')}:{row['recipe']}"],
-                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    except OSError:
-        return False
-    if res.returncode != 0:
-        return False
-    try:
-        then = recipes.resolve(tomllib.loads(res.stdout))
-    except Exception:  # a key the current code no longer reads: another recipe
+        now = _now(row, [])
+    except Exception:  # its recipe file is gone: nothing makes that row now
         return True
-    return then != recipes.resolve(recipes.read(Path(row["recipe"])))
+    return _setting(then) != _setting(now)
+
+
+def _now(row: dict, overrides: list[str]) -> recipes.Recipe:
+    """The recipe `bench run` makes now for the row's dataset, method, epsilon, recipe file and
+    `overrides` (bench.mnist.resolved). A row made with the bench's former default file
+    (recipes/<dataset>-<method>.toml, removed when the defaults took its values) is now made
+    with the defaults."""
+    from bench import mnist
+
+    file = row.get("recipe")
+    former = f"{row['dataset']}-{row['method'].replace('-', '')}.toml"
+    if file and Path(file).name == former and not Path(file).exists():
+        file = None
+    return mnist.resolved(row["dataset"], row["method"], row["epsilon_target"], file, overrides)
+
+
+def _setting(recipe: recipes.Recipe) -> dict:
+    """The recipe without the budget (epsilon, delta), which a row states in its own fields."""
+    out = recipe.to_dict()
+    out["privacy"] = {k: v for k, v in out["privacy"].items() if k not in ("epsilon", "delta")}
+    return out
 
 
 def _ablation(row: dict) -> bool:
-    """Whether the row's overrides change its recipe (as the recipe file reads now)."""
+    """Whether the row's overrides change its recipe (as `bench run` resolves it now)."""
     if not row.get("overrides"):
         return False
-    raw = recipes.read(Path(row["recipe"]))
-    return recipes.resolve(recipes.apply_overrides(raw, row["overrides"])) != recipes.resolve(raw)
+    return _setting(_now(row, row["overrides"])) != _setting(_now(row, []))
 
 
 def draw(rows: list[dict], dataset: str, out: Path) -> Path:

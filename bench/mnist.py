@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from privsynth import defaults
 from privsynth import recipe as recipes
 from privsynth import run as runs
 from privsynth.data import load, scan
@@ -24,6 +25,10 @@ MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.
 TINY_IMAGENET = MNIST.parent / "tiny_imagenet_200_subset.zip"
 CIFAR10 = MNIST.parent / "cifar10_jpeg.zip"
 SHAPE = {"mnist": (28, 1), "cifar10": (32, 3)}  # resolution, channels
+# What a fit reads from the prepared folders' headers and class folders (and the Tiny-ImageNet
+# public folder), for tools that resolve the defaults without the folders (bench.chart)
+FACTS = {"mnist": defaults.Facts(size=(28, 28), grey=True, classes=10, public_classes=200),
+         "cifar10": defaults.Facts(size=(32, 32), grey=False, classes=10, public_classes=200)}
 SPLITS = {"private": (0, 55000), "val": (55000, 60000)}
 
 
@@ -99,15 +104,30 @@ def _commit() -> str:
         return "unknown"
 
 
+def request(method: str, epsilon: float, recipe_file: str | None, overrides: list[str]) -> dict:
+    """The raw recipe table a bench row fits: `recipe_file` (none: the defaults alone) with
+    `overrides` applied, the method and epsilon; run.fit completes it with the defaults for the
+    data, as it does a user's `privsynth fit`."""
+    raw = recipes.apply_overrides(recipes.read(Path(recipe_file) if recipe_file else None),
+                                  overrides)
+    raw["method"] = raw.get("method", method)
+    raw["privacy"] = {**raw.get("privacy", {}), "epsilon": float(epsilon)}
+    return raw
+
+
+def resolved(dataset: str, method: str, epsilon: float, recipe_file: str | None,
+             overrides: list[str]) -> recipes.Recipe:
+    """The recipe a bench row of `dataset` fits now (defaults for its facts < file < overrides)."""
+    return defaults.complete(request(method, epsilon, recipe_file, overrides), FACTS[dataset])[0]
+
+
 def run(args) -> dict:
     """One benchmark row; appended to RESULTS.md and results.jsonl."""
     work = Path(args.work)
     ds = args.dataset
     folders = prepare_dataset(ds, work)
     tag = f"{ds}-{args.method}-eps{args.epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
-    recipe_file = Path(args.recipe or f"recipes/{ds}-{args.method.replace('-', '')}.toml")
-    raw = recipes.apply_overrides(recipes.read(recipe_file), args.overrides)
-    recipe = recipes.with_privacy(recipes.resolve(raw), epsilon=args.epsilon)
+    raw = request(args.method, args.epsilon, args.recipe, args.overrides)
     times, t0 = {}, time.time()
     last = [0.0]
 
@@ -117,7 +137,8 @@ def run(args) -> dict:
             last[0] = time.time()
 
     public = prepare_public(work) if args.method == "privimage" else None
-    result = runs.fit(folders["private"], public, recipe, work / "runs" / tag, progress=progress)
+    result = runs.fit(folders["private"], public, raw, work / "runs" / tag, progress=progress)
+    recipe = result.recipe
     times["fit_s"] = time.time() - t0
     t1 = time.time()
     synth = runs.sample(result.run, args.synthetic, work / "synth" / tag, seed=0)
@@ -135,7 +156,8 @@ def run(args) -> dict:
            "accuracy": accuracy(model, tx, ty), "val_curve": curve, "classifier": clf.to_dict(),
            "synthetic": args.synthetic, **times,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "recipe": str(recipe_file), "overrides": args.overrides, "commit": _commit(),
+           "recipe": args.recipe, "overrides": args.overrides, "commit": _commit(),
+           "resolved": recipe.to_dict(), "chosen": sorted(result.chosen or {}),
            "run": str(result.run), "load_1min": os.getloadavg()[0]}
     _append(Path(args.results), row)
     return row

@@ -3,8 +3,8 @@
     python -m bench.probe TAG [--recipe FILE] [--set section.key=value ...] [--steps 1000]
                           [--epsilon 10]
 
-The recipe (default recipes/mnist-dpmepf.toml) and its `--set` overrides are read exactly as
-`privsynth fit` reads them; `--steps` replaces `dpmepf.steps` (probes are short). The noisy
+The recipe (default: none, the defaults for MNIST's facts, privsynth.defaults) and its `--set`
+overrides are read as `bench run` reads them (bench.mnist.resolved); `--steps` replaces `dpmepf.steps` (probes are short). The noisy
 releases (the real `Generator.release` on the 55k private split, delta 1.67e-6, PRV) are cached
 per encoder, release settings and budget under bench-work/probe/, so settings that only change
 training share one release. The generator is trained by the real `Generator.train`, then judged
@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from bench.mnist import _tensors, prepare
+from bench.mnist import _tensors, prepare, resolved
 from privsynth import recipe as recipes
 from privsynth.data import scan
 from privsynth.downstream import ClassifierConfig, SmallCNN, accuracy, train_classifier
@@ -48,18 +48,17 @@ def parse(argv: list[str]) -> tuple[str, recipes.Recipe, list[str]]:
     """Tag, resolved recipe and the override words (recorded with the row)."""
     ap = argparse.ArgumentParser(prog="python -m bench.probe")
     ap.add_argument("tag")
-    ap.add_argument("--recipe", default="recipes/mnist-dpmepf.toml")
+    ap.add_argument("--recipe", default=None, help="recipe file [default: none, the defaults]")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="recipe override section.key=value (repeatable)")
     ap.add_argument("--steps", type=int, default=1000, help="generator steps [1000]")
     ap.add_argument("--epsilon", type=float, default=10.0)
     args = ap.parse_args(argv)
     sets = [*args.overrides, f"dpmepf.steps={args.steps}"]
-    raw = recipes.apply_overrides(recipes.read(Path(args.recipe)), sets)
-    recipe = recipes.with_privacy(recipes.resolve(raw), epsilon=args.epsilon)
+    recipe = resolved("mnist", "dp-mepf", args.epsilon, args.recipe, sets)
     if recipe.method != "dp-mepf":
         raise SystemExit(f"bench.probe compares dp-mepf settings; the recipe is {recipe.method}")
-    return args.tag, recipe, [f"--recipe={args.recipe}", *sets]
+    return args.tag, recipe, [f"--recipe={args.recipe}"] * bool(args.recipe) + sets
 
 
 def judge(work: Path, folders: dict) -> SmallCNN:

@@ -36,8 +36,8 @@ def subset(private: Path, n: int) -> Path:
 def fit_once(private: Path, public: Path | None, args, out: Path, ledger: Path) -> dict:
     """One `privsynth fit` subprocess; wall time and its own peak RSS (wait4)."""
     cmd = [sys.executable, "-m", "privsynth", "fit", str(private), "--method", args.method,
-           "--epsilon", str(args.epsilon), "--recipe", args.recipe, "--out", str(out),
-           "--ledger", str(ledger), "--json"]
+           "--epsilon", str(args.epsilon), "--out", str(out), "--ledger", str(ledger), "--json"]
+    cmd += ["--recipe", args.recipe] if args.recipe else []  # none: the defaults
     cmd += [x for kv in args.overrides for x in ("--set", kv)]
     if public is not None:
         cmd += ["--public", str(public)]
@@ -57,7 +57,6 @@ def run(args) -> list[dict]:
     work = Path(args.work)
     folders = mnist.prepare(work)
     public = mnist.prepare_public(work) if args.method == "privimage" else None
-    args.recipe = args.recipe or f"recipes/mnist-{args.method.replace('-', '')}.toml"
     rows = []
     for n in args.sizes:
         tag = f"scale-{args.method}-n{n}-{time.strftime('%Y%m%d-%H%M%S')}"

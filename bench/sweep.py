@@ -4,8 +4,8 @@
     python -m bench.sweep run DIR --device cuda --jobs 4 [--out ROWS.jsonl]
 
 SWEEP.json is a list of {"tag": ..., "set": ["section.key=value", ...], "steps": N,
-"epsilon": E} (recipe recipes/mnist-dpmepf.toml unless "recipe" is given). `pack` resolves each
-setting exactly as `privsynth fit` does, makes its noisy releases with the real
+"epsilon": E} (the defaults for MNIST unless "recipe" names a file). `pack` resolves each
+setting as `bench run` does (bench.mnist.resolved), makes its noisy releases with the real
 `Generator.release` on the 55k private split (PRV, delta 1/(N ln N)), once per distinct release
 (cached with bench.probe's), and writes them with the validation and test images to DIR. DIR is
 all that `run` reads, so it can travel to a machine with a GPU and no private data. `run` trains
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.mnist import _tensors, prepare
+from bench.mnist import _tensors, prepare, resolved
 from bench.probe import RELEASE_KEYS
 from privsynth import recipe as recipes
 from privsynth.data import scan
@@ -39,10 +39,9 @@ PRIVATE = 55000
 
 
 def resolve(spec: dict) -> recipes.Recipe:
-    """The recipe of one sweep entry, as `privsynth fit --recipe R --set ...` would resolve it."""
+    """The recipe of one sweep entry, as `bench run --recipe R --set ...` would resolve it."""
     sets = [*spec.get("set", []), f"dpmepf.steps={spec['steps']}"]
-    raw = recipes.apply_overrides(recipes.read(Path(spec.get("recipe", "recipes/mnist-dpmepf.toml"))), sets)
-    return recipes.with_privacy(recipes.resolve(raw), epsilon=float(spec.get("epsilon", 10.0)))
+    return resolved("mnist", "dp-mepf", float(spec.get("epsilon", 10.0)), spec.get("recipe"), sets)
 
 
 def release_key(recipe: recipes.Recipe) -> str:

@@ -278,10 +278,16 @@ def _fit_and_report(call: Callable[[_Bars], object], out: Path, json_out: bool) 
     summary = {"run": str(result.run), "certificate": str(result.run / "certificate.json"),
                "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
                "accountant": cert["accountant"], "rejected_files": len(result.rejects)}
+    chosen = ""
+    if result.chosen is not None:  # the defaults layer ran (not for a library-given Recipe)
+        from privsynth import defaults
+
+        summary["chosen"] = result.chosen
+        chosen = f"\n  {defaults.summary(result.chosen)}"
     _emit(summary, json_out, f"run written to {result.run}\n"
           f"  spent epsilon={summary['epsilon']:.4g} (target {cert['epsilon']['target']:g}), "
           f"delta={summary['delta']:.3g} [{summary['accountant']}]\n"
-          f"  certificate: {summary['certificate']}")
+          f"  certificate: {summary['certificate']}{chosen}")
 
 
 def _method(value: Optional[str]) -> Optional[str]:
@@ -377,12 +383,15 @@ def fit(
         raw.setdefault("run", {})["device"] = device
     if epsilon is not None and not epsilon > 0:
         raise UsageError(f"--epsilon must be > 0, got {epsilon:g}")
-    resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta, unit=unit)
+    given = {k: v for k, v in (("epsilon", epsilon), ("delta", delta), ("unit", unit)) if v is not None}
+    if given:  # the flags beat the recipe, as --set does
+        raw["privacy"] = {**raw.get("privacy", {}), **given}
+    resolved = recipes.resolve(raw)  # checked here; the defaults for the data complete it in fit
     if not resolved.privacy.epsilon > 0:
         raise UsageError("--epsilon is required (or set privacy.epsilon in the recipe)"
                          if "epsilon" not in raw.get("privacy", {}) else
                          f"privacy.epsilon must be > 0, got {resolved.privacy.epsilon:g}")
-    _fit_and_report(lambda bars: run.fit(private, public, resolved, out, progress=bars,
+    _fit_and_report(lambda bars: run.fit(private, public, raw, out, progress=bars,
                                          dataset=dataset, ledger_dir=ledger, strict=strict),
                     out, json_out)
 

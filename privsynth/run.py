@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from privsynth import certificate, data, distributed, publish
+from privsynth import certificate, data, defaults, distributed, publish
 from privsynth.checkpoint import WorkState
 from privsynth.errors import DataError, UsageError
 from privsynth.features import load_encoder
@@ -28,7 +28,7 @@ from privsynth.generators import method_module
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy import ledger as ledgers
 from privsynth.privacy import units as privacy_units
-from privsynth.recipe import Recipe, from_dict
+from privsynth.recipe import Recipe, from_dict, resolve
 
 Progress = Callable[[str, int, int], None]
 FIT_STATE = "fit-state.json"  # in the work folder: resolved inputs and written-ahead charges
@@ -45,6 +45,7 @@ class FitResult:
     certificate: dict
     recipe: Recipe
     rejects: list[tuple[str, str]]
+    chosen: dict | None = None  # the defaults applied ({key: {"value", "why"}}); None: no layer
 
 
 def default_delta(n: int) -> float:
@@ -70,10 +71,15 @@ def resolve_for(recipe: Recipe, private: data.Listing) -> tuple[Recipe, str]:
     return recipe, rule
 
 
-def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
+def fit(private_dir: Path, public: Path | None, recipe: Recipe | dict, out: Path, *,
         progress: Progress | None = None, dataset: str | None = None,
         ledger_dir: Path | None = None, strict: bool = False) -> FitResult | None:
     """Spend the budget once on `private_dir` and write a run directory at `out`.
+
+    `recipe`: a resolved `Recipe`, used as it is; or a raw recipe table (a recipe file with
+    `--set` and the flags applied, as the CLI passes it) that the best known configuration for
+    this data completes (privsynth.defaults: defaults < table) once the folder is listed; what
+    the defaults chose is recorded in recipe.json (`chosen`) and in the result.
 
     The dataset's ledger (`dataset` name, else the id file in `private_dir`; kept under
     `ledger_dir`, see privacy.ledger) records the charges before any pixel is read, and refuses
@@ -84,12 +90,15 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, *,
     folder at the path rank 0 resolved, and must list the same files there); other methods fit
     on rank 0 alone. Only rank 0 touches the ledger and `out`; the other ranks return None.
     """
+    request, raw = recipe, (recipe if isinstance(recipe, dict) else None)
+    if raw is not None:  # checked now; the defaults complete it in _begin (privimage.draft,
+        recipe = resolve(raw)  # which decides data_parallel, keeps its class default there)
     module = method_module(recipe.method)
     if not _data_parallel(module, recipe) and distributed.world() > 1:
-        return _alone(lambda: fit(private_dir, public, recipe, out, progress=progress,
+        return _alone(lambda: fit(private_dir, public, request, out, progress=progress,
                                   dataset=dataset, ledger_dir=ledger_dir, strict=strict))
     listing, ledger, recipe, doc = distributed.on_main(
-        _begin, private_dir, public, recipe, out, module, dataset, ledger_dir, strict,
+        _begin, private_dir, public, recipe, out, module, dataset, ledger_dir, strict, raw,
         send=lambda begun: (None, None, None, begun[3]))
     if listing is None:  # not rank 0: the folder and recipe exactly as rank 0 resolved them
         recipe = from_dict(doc["recipe"])
@@ -125,9 +134,10 @@ def _fingerprint(listing: data.Listing) -> str:
 
 
 def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, module,
-           dataset: str | None, ledger_dir: Path | None,
-           strict: bool) -> tuple[data.Listing, ledgers.Ledger, Recipe, dict]:
-    """The checks before a fit (rank 0): inputs, `out`, the ledger; the fit-state document.
+           dataset: str | None, ledger_dir: Path | None, strict: bool,
+           raw: dict | None = None) -> tuple[data.Listing, ledgers.Ledger, Recipe, dict]:
+    """The checks before a fit (rank 0): inputs, `out`, the ledger; the fit-state document; with
+    `raw`, the recipe completed by the defaults for the listed folder (header facts only).
     Nothing is written (not even PRIVATE's ledger id file) before the request is checked."""
     if not recipe.privacy.epsilon > 0:
         raise UsageError(_NO_EPSILON)
@@ -150,12 +160,18 @@ def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, mo
     listing = _with_units(listing, recipe.privacy.unit, module)
     ledger = ledgers.Ledger(ledgers.location(ledger_dir), ledgers.dataset_key(private_dir, dataset))
     ledger.check((), delta=None, unit=recipe.privacy.unit)  # nothing left: refuse before any file
-    auto_channels = recipe.data.channels == "auto"
+    chosen, facts = None, None
+    if raw is not None:
+        facts = defaults.facts_of(listing, public)
+        recipe, chosen = defaults.complete(raw, facts)
+    auto_channels = recipe.data.channels == "auto" or "data.channels" in (chosen or {})
     recipe, delta_rule = resolve_for(recipe, listing)
     doc = {"schema": FIT_STATE_SCHEMA, "private_dir": str(Path(private_dir).resolve()),
            "public": None if public is None else str(Path(public).resolve()),
            "ledger_dir": str(ledger.folder), "dataset_key": ledger.key, "classes": list(listing.classes),
            "recipe": recipe.to_dict(), "delta_rule": delta_rule, "auto_channels": auto_channels,
+           "chosen": chosen, "header_size": (list(facts.size) if chosen and "data.resolution"
+                                             in chosen else None),
            "charges": [], "ledger_entries": []}
     return listing, ledger, recipe, doc
 
@@ -240,14 +256,16 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
                 return None
             statement = _statement(module.privacy_statement(recipe.generator,
                                                             unit=recipe.privacy.unit),
-                                   recipe, doc["delta_rule"], doc["auto_channels"])
+                                   recipe, doc["delta_rule"], doc["auto_channels"],
+                                   doc.get("header_size"))
             cert = certificate.issue(budget, method=recipe.method, delta_rule=doc["delta_rule"],
                                      noise_rng=NoiseSource.description, **statement)
             final = work / "run"
             final.mkdir(exist_ok=True)
             sampler.save(final / "model")
+            chosen = {} if doc.get("chosen") is None else {"chosen": doc["chosen"]}
             _write_json(final / "recipe.json",
-                        dict(recipe.to_dict(), public=_public_record(public, module)))
+                        dict(recipe.to_dict(), public=_public_record(public, module), **chosen))
             _write_json(final / "certificate.json", cert)
             (final / "CERTIFICATE.md").write_text(certificate.render(cert), encoding="utf-8")
             data.write_rejects(final / "rejects.jsonl", gen.rejects)  # owner-side; never published
@@ -257,7 +275,7 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
             shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
-    return FitResult(out, cert, recipe, list(gen.rejects))
+    return FitResult(out, cert, recipe, list(gen.rejects), doc.get("chosen"))
 
 
 def encoder_for(recipe: Recipe):
@@ -293,7 +311,8 @@ def _settle(ledger: ledgers.Ledger | None, entries: list[str]):
         ledger.finish(entry, "completed")
 
 
-def _statement(stmt: dict, recipe: Recipe, delta_rule: str, auto_channels: bool) -> dict:
+def _statement(stmt: dict, recipe: Recipe, delta_rule: str, auto_channels: bool,
+               header_size: list[int] | None = None) -> dict:
     """The method's own privacy statement plus what every fit leaves unprotected."""
     unprotected = ["the class names of the private folder (folder names or label values) and "
                    "how many classes there are"]
@@ -311,6 +330,10 @@ def _statement(stmt: dict, recipe: Recipe, delta_rule: str, auto_channels: bool)
     if auto_channels:
         unprotected.append("whether every private file is greyscale (data.channels=auto, read "
                            "from file headers), which sets the channels of the output")
+    if header_size:
+        unprotected.append(f"the most common image size in the private files' headers "
+                           f"({header_size[0]}x{header_size[1]}), from which the defaults set "
+                           "data.resolution (privsynth.defaults)")
     unprotected.append("the recipe and the pretrained public weights (public by assumption)")
     return dict(stmt, unprotected=unprotected + stmt.get("unprotected", []),
                 n_public=bool(n_public))
@@ -348,7 +371,7 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     distributed.on_main(_check_sample, run, n, Path(out))
     cert = certificate.load(run)
     recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
-                        if k != "public"})
+                        if k not in ("public", "chosen")})
     kind = method_module(recipe.method).Sampler
     extra = {"encoder": encoder_for(recipe)} if kind.needs_encoder(run / "model") else {}
     sampler = kind.load(run / "model", **extra).to(

@@ -8,12 +8,11 @@ import pytest
 from bench import chart, probe
 from privsynth.errors import UsageError
 
-RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist-privimage.toml")
 
 
-def _row(acc: float, overrides: list[str], eps: float = 10.0) -> dict:
+def _row(acc: float, overrides: list[str], eps: float = 10.0) -> dict:  # made with the defaults
     return {"dataset": "mnist", "method": "privimage", "epsilon_target": eps, "accuracy": acc,
-            "recipe": RECIPE, "overrides": overrides}
+            "recipe": None, "overrides": overrides}
 
 
 def test_chart_draws_the_newest_row_and_skips_ablations() -> None:
@@ -32,7 +31,7 @@ def test_probe_reads_the_recipe_with_its_overrides() -> None:
                                       "--steps", "50", "--epsilon", "1"])
     assert tag == "t" and recipe.generator.steps == 50 and recipe.generator.lr == 0.003
     assert recipe.features.grid == 4 and recipe.privacy.epsilon == 1.0
-    assert recipe.features.pixels == 0.5  # the rest comes from recipes/mnist-dpmepf.toml
+    assert recipe.features.pixels == 0.5 and recipe.generator.split_bits == 3  # the defaults
     assert words[-1] == "dpmepf.steps=50" and "dpmepf.lr=0.003" in words
     with pytest.raises(UsageError, match="did you mean 'steps'"):
         probe.parse(["t", "--set", "dpmepf.stepz=3"])

@@ -275,7 +275,11 @@ def test_inspect_reports_everything_and_writes_nothing(zoo, tmp_path: Path, monk
 
 
 TINY = ["--set", "dpmepf.steps=2", "--set", "dpmepf.batch_per_class=2", "--set", "dpmepf.width=8",
-        "--set", "data.resolution=8", "--set", "features.input_size=32"]
+        "--set", "data.resolution=8", "--set", "features.input_size=32",
+        # the Config class values these tests were written for, not the defaults (test_defaults)
+        "--set", "features.grid=1", "--set", "dpmepf.split_bits=0", "--set", "dpmepf.lr=0.001",
+        "--set", "dpmepf.judge=false", "--set", "dpmepf.scatter_judge=false",
+        "--set", "dpmepf.split_noise=0", "--set", "dpmepf.unbiased=false"]
 
 
 def test_fit_strict_refuses_before_any_budget(tmp_path: Path) -> None:

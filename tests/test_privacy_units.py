@@ -349,7 +349,8 @@ def test_privimage_fit_per_person_states_the_unit_and_its_bound(tmp_path):
     tiny = {"privimage.strength": 0.2, "privimage.draft_images": 8, "privimage.draft_steps": 2,
             "privimage.dpmepf.steps": 2, "privimage.dpmepf.split_bits": 0,
             "privimage.dpmepf.judge": "false", "privimage.dpmepf.scatter_judge": "false",
-            "privimage.dpmepf.unbiased": "false", "privacy.accountant": "rdp", "privimage.width": 8, "data.resolution": 8,
+            "privimage.dpmepf.unbiased": "false", "privimage.dpmepf.batch_per_class": 10,
+            "privimage.dpmepf.lr": 0.001, "features.grid": 1, "privacy.accountant": "rdp", "privimage.width": 8, "data.resolution": 8,
             "privimage.pretrain_steps": 2, "privimage.pretrain_batch": 8, "privimage.dp_steps": 3,
             "privimage.dp_batch": 2, "privimage.physical_batch": 4, "privimage.unit_images": 2,
             "privimage.query_epochs": 1, "privimage.sample_steps": 2}

@@ -226,7 +226,7 @@ def test_cli_fit_sample_verify(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--public" in res.output
 
 
-@pytest.mark.parametrize("name", ["demo-privimage", "mnist-privimage"])
+@pytest.mark.parametrize("name", ["demo-privimage", "mnist-privimage-gpu"])
 def test_recipes_resolve(name: str) -> None:
     from privsynth import recipe as recipes
 
