@@ -262,7 +262,7 @@ def _sigterm_interrupts():
 
 def _fit_and_report(call: Callable[[_Bars], object], out: Path, json_out: bool) -> None:
     """Run a fit (`call(progress)`: fresh or resumed) and print what it wrote and spent."""
-    from privsynth import distributed
+    from privsynth import distributed, manifest
 
     with distributed.session():
         bars = _progress(json_out)
@@ -277,7 +277,8 @@ def _fit_and_report(call: Callable[[_Bars], object], out: Path, json_out: bool) 
         err.print(f"[yellow]... and {len(result.rejects) - 10} more skipped files[/]")
     summary = {"run": str(result.run), "certificate": str(result.run / "certificate.json"),
                "epsilon": cert["epsilon"]["spent"], "delta": cert["delta"],
-               "accountant": cert["accountant"], "rejected_files": len(result.rejects)}
+               "accountant": cert["accountant"], "rejected_files": len(result.rejects),
+               "owner_only": str(result.run / manifest.OWNER)}
     chosen = ""
     if result.chosen is not None:  # the defaults layer ran (not for a library-given Recipe)
         from privsynth import defaults
@@ -287,7 +288,9 @@ def _fit_and_report(call: Callable[[_Bars], object], out: Path, json_out: bool) 
     _emit(summary, json_out, f"run written to {result.run}\n"
           f"  spent epsilon={summary['epsilon']:.4g} (target {cert['epsilon']['target']:g}), "
           f"delta={summary['delta']:.3g} [{summary['accountant']}]\n"
-          f"  certificate: {summary['certificate']}{chosen}")
+          f"  certificate: {summary['certificate']}{chosen}\n"
+          f"  publishable: {manifest.PUBLISHABLE}; owner-only (private file names, do not "
+          f"publish): {summary['owner_only']}")
 
 
 def _method(value: Optional[str]) -> Optional[str]:
@@ -640,22 +643,23 @@ def verify(
                                               "certificate.json.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
-    """Re-check a certificate: recompute epsilon from its mechanisms and, for a dataset folder,
-    every file against MANIFEST.sha256. Exits 6 on any mismatch."""
-    from privsynth import certificate, publish
+    """Re-check a certificate: recompute epsilon from its mechanisms and, for a dataset folder
+    or a run folder, every file (a run: its model weights, recipe and certificate) against
+    MANIFEST.sha256. Exits 6 on any mismatch."""
+    from privsynth import certificate, manifest
 
     cert = certificate.load(path)
     problems = certificate.check(cert)
-    if Path(path).is_dir() and (Path(path) / "MANIFEST.sha256").is_file():
-        problems += publish.verify_manifest(Path(path))
+    if Path(path).is_dir() and (manifest.is_run(path) or (Path(path) / manifest.MANIFEST).is_file()):
+        problems += manifest.check(Path(path))
     result = {"path": str(path), "ok": not problems, "problems": problems,
               "epsilon_recomputed": certificate.recompute(cert), "delta": cert.get("delta")}
     if problems:
         _emit(result, json_out, "\n".join(f"FAILED: {p}" for p in problems))
         raise VerificationError(f"{len(problems)} problem(s) in {path}")
     _emit(result, json_out, f"OK: epsilon recomputes to {result['epsilon_recomputed']:.4g} "
-          f"(delta {cert['delta']:.3g}); " + ("manifest matches" if (Path(path) / "MANIFEST.sha256")
-                                              .is_file() else "no manifest here"))
+          f"(delta {cert['delta']:.3g}); " + (manifest.state(Path(path)) if Path(path).is_dir()
+                                              else "no manifest here"))
 
 
 EXAMPLES_AUDIT = """

@@ -1,8 +1,10 @@
 """A run directory: orchestrates fit and sample over folders. No math, no noise.
 
-`fit` writes RUN/recipe.json, RUN/certificate.json, RUN/CERTIFICATE.md, RUN/rejects.jsonl (owner-side:
-the private files it could not use, with reasons; never published) and RUN/model/ into a
-temporary sibling folder and renames it into place, so a run folder is complete or absent.
+`fit` writes the publishable RUN/model/, RUN/recipe.json, RUN/certificate.json, RUN/CERTIFICATE.md
+and RUN/MANIFEST.sha256 (their sha256, privsynth.manifest), and the owner-only
+RUN/owner/rejects.jsonl (the private files it could not use, by name, with reasons; never
+published), into a temporary sibling folder and renames it into place, so a run folder is
+complete or absent.
 
 Under torchrun (privsynth.distributed) every process calls `fit` and `sample`; rank 0 alone checks
 the request, records the spend, writes and returns the result, and the other ranks return None.
@@ -20,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from privsynth import certificate, data, defaults, distributed, publish
+from privsynth import certificate, data, defaults, distributed, manifest, publish
 from privsynth.checkpoint import WorkState
 from privsynth.errors import DataError, UsageError
 from privsynth.features import load_encoder
@@ -268,7 +270,9 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
                         dict(recipe.to_dict(), public=_public_record(public, module), **chosen))
             _write_json(final / "certificate.json", cert)
             (final / "CERTIFICATE.md").write_text(certificate.render(cert), encoding="utf-8")
-            data.write_rejects(final / "rejects.jsonl", gen.rejects)  # owner-side; never published
+            manifest.write_run(final)  # the publishable files only: not owner/
+            (final / manifest.OWNER).mkdir(exist_ok=True)  # owner-only; never published
+            data.write_rejects(final / manifest.OWNER / manifest.REJECTS, gen.rejects)
             publish.move_into_place(final, out)
     except BaseException:
         if main and not doc["charges"]:  # nothing spent: nothing worth resuming

@@ -55,9 +55,14 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fit_writes_a_complete_run(fitted: Path) -> None:
     run = fitted / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["CERTIFICATE.md", "certificate.json", "model",
-                                                     "recipe.json", "rejects.jsonl"]
-    assert (run / "rejects.jsonl").read_text() == ""  # a clean folder: nothing rejected
+    assert sorted(p.name for p in run.iterdir()) == ["CERTIFICATE.md", "MANIFEST.sha256",
+                                                     "certificate.json", "model", "owner",
+                                                     "recipe.json"]
+    assert [p.name for p in (run / "owner").iterdir()] == ["rejects.jsonl"]  # owner-only, apart
+    assert (run / "owner" / "rejects.jsonl").read_text() == ""  # a clean folder: nothing rejected
+    listed = [line.split("  ", 1)[1] for line in (run / "MANIFEST.sha256").read_text().splitlines()]
+    assert listed == ["CERTIFICATE.md", "certificate.json", "model/config.json",
+                      "model/generator.safetensors", "recipe.json"]  # the publishable files
     assert sorted(p.name for p in (run / "model").iterdir()) == ["config.json",
                                                                  "generator.safetensors"]
     cert = json.loads((run / "certificate.json").read_text())
@@ -153,6 +158,47 @@ def test_sample_verify_and_tamper(fitted: Path) -> None:
     pngs[0].write_bytes(bytes(data))
     bad = runner.invoke(app, ["verify", str(out)])
     assert bad.exit_code == 6 and "FAILED" in bad.output
+
+
+def test_verify_run_catches_a_changed_weight_file(fitted: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = Path(shutil.copytree(fitted / "run", tmp_path / "run"))
+    ok = runner.invoke(app, ["verify", str(run)])
+    assert ok.exit_code == 0 and "manifest matches" in ok.output and "owner-only" in ok.output
+    (run / "owner" / "notes.txt").write_text("the owner's own files are not checked")
+    assert runner.invoke(app, ["verify", str(run)]).exit_code == 0
+    weights = run / "model" / "generator.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(raw))
+    bad = runner.invoke(app, ["verify", str(run), "--json"])
+    assert bad.exit_code == 6, bad.output
+    assert json.loads(bad.stdout)["problems"] == ["changed: model/generator.safetensors"]
+    assert "error: 1 problem(s) in" in bad.stderr  # one line on stderr, the exit-code convention
+    raw[len(raw) // 2] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    (run / "model" / "extra.safetensors").write_bytes(b"x")  # a file a sampler could pick up
+    extra = runner.invoke(app, ["verify", str(run), "--json"])
+    assert extra.exit_code == 6 and json.loads(extra.stdout)["problems"] == [
+        "not in manifest: model/extra.safetensors"]
+
+
+def test_a_run_from_before_the_manifest_still_verifies_and_samples(fitted: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from privsynth import manifest
+
+    run = Path(shutil.copytree(fitted / "run", tmp_path / "run"))
+    (run / "MANIFEST.sha256").unlink()  # the old layout: no manifest, rejects.jsonl at the top
+    (run / "owner" / "rejects.jsonl").rename(run / "rejects.jsonl")
+    (run / "owner").rmdir()
+    assert manifest.rejects_path(run) == run / "rejects.jsonl"
+    old = runner.invoke(app, ["verify", str(run)])
+    assert old.exit_code == 0 and "weights not checked" in old.output, old.output
+    done = runner.invoke(app, ["sample", str(run), "-n", "2", "--out", str(tmp_path / "synth")])
+    assert done.exit_code == 0, done.output
+    assert manifest.rejects_path(fitted / "run") == fitted / "run" / "owner" / "rejects.jsonl"
 
 
 def test_verify_catches_an_edited_epsilon(fitted: Path, tmp_path: Path) -> None:

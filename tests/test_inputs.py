@@ -316,7 +316,7 @@ def test_fit_lists_rejects_and_sample_publishes_no_private_names(zoo, tmp_path: 
     result = CliRunner().invoke(app, ["fit", str(root), "--method", "dp-mepf", "--epsilon", "2",
                                       "--out", str(run), "--json", *TINY])
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (run / "rejects.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "owner" / "rejects.jsonl").read_text().splitlines()]
     assert {r["file"] for r in rows} == {k for k, v in expected.items() if v != "ok"}
     assert json.loads(result.stdout)["rejected_files"] == len(rows) == 14
     assert data.scan(root).seen == len(expected)  # fit left nothing the next scan would see
@@ -329,7 +329,9 @@ def test_fit_lists_rejects_and_sample_publishes_no_private_names(zoo, tmp_path: 
     names = [b"exif_rotated", b"palette_alpha", b"pcx_inside", b"multipage", b"truncated",
              b"animated", b"grey16", b"UPPER", b"DS_Store", b"caf\xe9", b"caf\\xe9",
              str(root).encode(), root.parent.name.encode()]
-    published = [p for p in synth.rglob("*") if p.is_file()] + [run / "certificate.json"]
+    published = [p for p in synth.rglob("*") if p.is_file()] + [  # the run's publishable part too
+        p for p in run.rglob("*") if p.is_file() and "owner" not in p.relative_to(run).parts]
+    assert len(published) > 6 + 5 and json.loads(result.stdout)["owner_only"] == str(run / "owner")
     assert not (synth / "rejects.jsonl").exists()
     for path in published:
         blob = path.read_bytes()
