@@ -1,6 +1,6 @@
 """`privsynth audit` at MNIST scale: 1000 canaries in the 55k private digits of the DPImageBench
-split, recipes/mnist-<method>.toml, each method at epsilon 1 and 10 with the real noise and the
-no-noise positive control at epsilon 1. Rows go to benchmarks/AUDIT.md and audit.jsonl; each
+split, each method as `bench run` fits it (the defaults for MNIST, or --recipe / --set), at
+epsilon 1 and 10 with the real noise and the no-noise positive control at epsilon 1. Rows go to benchmarks/AUDIT.md and audit.jsonl; each
 audit's AUDIT.md, audit.json and scores.svg stay in WORK/audits/.
 
 python -m bench.audit [--methods dp-mepf privimage] [--epsilons 1 10] [--control-epsilon 1]
@@ -17,8 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.mnist import _commit, append_row, prepare, prepare_public
-from privsynth import recipe as recipes
+from bench.mnist import _commit, append_row, prepare, prepare_public, request
 from privsynth.audit import audit
 
 COLUMNS = ["method", "control", "certified eps", "delta", "canaries", "lower bound", "ceiling",
@@ -37,10 +36,7 @@ def plan(methods: list[str], epsilons: list[float], control_epsilon: float | Non
 def one(args: argparse.Namespace, method: str, epsilon: float, control: str, private: Path,
         public: Path | None) -> dict:
     """Audit one (method, epsilon, control) and append its row."""
-    recipe_file = Path(args.recipe or f"recipes/mnist-{method.replace('-', '')}.toml")
-    raw = recipes.apply_overrides(recipes.read(recipe_file), args.overrides)
-    raw["method"] = method
-    recipe = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon)
+    raw = request(method, epsilon, args.recipe, args.overrides)  # what `bench run` fits
     tag = f"{method}-eps{epsilon:g}-{control}-{time.strftime('%Y%m%d-%H%M%S')}"
     last = [0.0]
 
@@ -49,12 +45,12 @@ def one(args: argparse.Namespace, method: str, epsilon: float, control: str, pri
             last[0] = time.monotonic()
             print(f"  {tag}: {what} {done}/{total}", flush=True)
 
-    result = audit(private, recipe, public=public if method == "privimage" else None,
+    result = audit(private, raw, public=public if method == "privimage" else None,
                    canaries=args.canaries, control=control,
                    out=Path(args.work) / "audits" / tag, progress=progress)
     g = result["guesses"] or {"correct": 0, "guesses": 0}
     row = {k: v for k, v in result.items() if k not in ("kinds", "membership", "recipe")}
-    row.update(recipe=str(recipe_file), overrides=args.overrides, commit=_commit(),
+    row.update(recipe=args.recipe, overrides=args.overrides, commit=_commit(),
                threads=os.environ.get("OMP_NUM_THREADS", "-"), private=str(private))
     append_row(Path(args.results), "audit", row, COLUMNS, [
         method, control, f"{result['certified_epsilon']:.4g}", f"{result['delta']:.2e}",
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public", default=None, help="privimage's public folder instead of "
                                                        "Tiny-ImageNet")
     parser.add_argument("--recipe", default=None,
-                        help="recipe file [default: recipes/mnist-<method>.toml]")
+                        help="recipe file [default: none, the defaults for the data]")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="recipe override section.key=value (repeatable)")
     args = parser.parse_args(argv)

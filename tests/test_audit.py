@@ -22,11 +22,13 @@ from privsynth.errors import BudgetError
 from privsynth.privacy import NoiseSource, mechanisms
 
 runner = CliRunner()
-# The tiny recipes of tests/test_cli.py and tests/test_privimage.py (DRAFTED: privimage with its
-# dp-mepf drafts, whose releases the audit scores along with the UNet's loss).
-DPMEPF = ["--set", "dpmepf.steps=3", "--set", "dpmepf.batch_per_class=2", "--set", "dpmepf.width=8",
-          "--set", "data.resolution=16", "--set", "features.input_size=32", "--set",
-          "privacy.accountant=rdp"]
+# dp-mepf as the defaults configure it for these 16 px grey images (cells, both DP-SGD label
+# filters, pooled-pixel features), at tiny sizes; privimage: tests/test_privimage.py's DRAFTED
+# (its dp-mepf drafts, whose releases the audit scores along with the UNet's loss).
+DPMEPF = ["--set", "dpmepf.steps=3", "--set", "dpmepf.width=8", "--set", "data.resolution=16",
+          "--set", "features.input_size=32", "--set", "dpmepf.judge_epochs=1", "--set",
+          "dpmepf.scatter_epochs=1", "--set", "dpmepf.judge_batch=8", "--set",
+          "dpmepf.scatter_batch=8", "--set", "privacy.accountant=rdp"]
 PRIVIMAGE = ["--set", "privacy.accountant=rdp", "--set", "privimage.width=8", "--set",
              "data.resolution=8", "--set", "privimage.pretrain_steps=2", "--set",
              "privimage.pretrain_batch=8", "--set", "privimage.draft_images=12", "--set",
@@ -168,17 +170,15 @@ def test_audit_refuses_bad_requests(tmp_path: Path) -> None:
 
 
 def test_bench_audit_appends_a_row_at_tiny_scale(tmp_path: Path) -> None:
-    """bench/audit.py's MNIST benchmark on a tiny folder: recipes/mnist-dpmepf.toml (cells,
-    both DP-SGD judges) with tiny sizes, one audit."""
+    """bench/audit.py's MNIST benchmark on a tiny folder (the defaults at tiny sizes), one
+    audit."""
     from bench import audit as bench_audit
 
     assert bench_audit.plan(["dp-mepf", "privimage"], [1.0, 10.0], 1.0) == [
         ("dp-mepf", 1.0, "none"), ("dp-mepf", 10.0, "none"), ("privimage", 1.0, "none"),
         ("privimage", 10.0, "none"), ("dp-mepf", 1.0, "no-noise"), ("privimage", 1.0, "no-noise")]
     private = make_folder(tmp_path / "private", per_class=10, size=16)
-    overrides = ["dpmepf.steps=3", "dpmepf.width=8", "data.resolution=16", "dpmepf.judge_epochs=1",
-                 "dpmepf.scatter_epochs=1", "dpmepf.judge_batch=8", "dpmepf.scatter_batch=8",
-                 "privacy.accountant=rdp", "privacy.delta=1e-6"]
+    overrides = [arg for arg in DPMEPF if arg != "--set"] + ["privacy.delta=1e-6"]
     argv = ["--methods", "dp-mepf", "--epsilons", "1", "--control-epsilon", "-1", "--canaries",
             "32", "--private", str(private), "--work", str(tmp_path / "work"), "--results",
             str(tmp_path / "results")]
