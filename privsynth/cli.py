@@ -149,7 +149,7 @@ err = Console(stderr=True, soft_wrap=True, no_color=_NO_COLOR or None,
 EXAMPLES_FIT = """
 Examples:\n
   privsynth fit assets/demo/private --public assets/demo/public --method dp-mepf --epsilon 10 --out runs/demo\n
-  privsynth fit ./xrays --method dp-mepf --epsilon 1 --recipe recipes/mnist-dpmepf.toml --set dpmepf.steps=500 --out runs/x1\n
+  privsynth fit ./xrays --method dp-mepf --epsilon 1 --set dpmepf.steps=500 --out runs/x1\n
   privsynth fit assets/demo/private --public assets/demo/public --method privimage --epsilon 10 --recipe recipes/demo-privimage.toml --out runs/pi
 
   privsynth resume runs/x1   (finish a fit cut short by Ctrl-C, SIGTERM, a crash or kill -9)
