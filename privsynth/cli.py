@@ -284,11 +284,11 @@ def _fit_and_report(call: Callable[[_Bars], object], out: Path, json_out: bool) 
         from privsynth import defaults
 
         summary["chosen"] = result.chosen
-        chosen = f"\n  {defaults.summary(result.chosen)}"
+        chosen = f"  {defaults.summary(result.chosen)}\n"
     _emit(summary, json_out, f"run written to {result.run}\n"
           f"  spent epsilon={summary['epsilon']:.4g} (target {cert['epsilon']['target']:g}), "
-          f"delta={summary['delta']:.3g} [{summary['accountant']}]\n"
-          f"  certificate: {summary['certificate']}{chosen}\n"
+          f"delta={summary['delta']:.3g} [{summary['accountant']}]\n{chosen}"
+          f"  certificate: {summary['certificate']}\n"
           f"  publishable: {manifest.PUBLISHABLE}; owner-only (private file names, do not "
           f"publish): {summary['owner_only']}")
 
@@ -716,12 +716,14 @@ def audit_(
         raw.setdefault("run", {})["device"] = device
     if epsilon is not None and not epsilon > 0:
         raise UsageError(f"--epsilon must be > 0, got {epsilon:g}")
-    resolved = recipes.with_privacy(recipes.resolve(raw), epsilon=epsilon, delta=delta)
-    if not resolved.privacy.epsilon > 0:
+    given = {k: v for k, v in (("epsilon", epsilon), ("delta", delta)) if v is not None}
+    if given:  # as in fit: the flags beat the recipe
+        raw["privacy"] = {**raw.get("privacy", {}), **given}
+    if not recipes.resolve(raw).privacy.epsilon > 0:  # checked here, completed in the fit
         raise UsageError("--epsilon is required (or set privacy.epsilon in the recipe)")
     bars = _progress(json_out)
     with bars.progress:
-        result = audits.audit(private, resolved, public=public, canaries=canaries,
+        result = audits.audit(private, raw, public=public, canaries=canaries,
                               control=control, out=out, progress=bars)
     g = result["guesses"] or {}
     _emit(summary(result) | ({"report": str(out / "AUDIT.md")} if out else {}), json_out,

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from privsynth import data, run
+from privsynth import data, defaults, run
 from privsynth.audit import bound, scores
 from privsynth.audit.report import write_report
 from privsynth.errors import UsageError
 from privsynth.privacy import mechanisms
-from privsynth.recipe import Recipe
+from privsynth.recipe import Recipe, with_privacy
 
 Progress = Callable[[str, int, int], None]
 CONTROLS = ("none", "no-noise")
@@ -41,17 +41,19 @@ CONFIDENCE = 0.95
 CANARY_PREFIX = "zz-privsynth-canary-"  # a name no listed file has (checked)
 
 
-def audit(private_dir: Path, recipe: Recipe, *, public: Path | None = None, canaries: int = 64,
-          control: str = "none", out: Path | None = None,
+def audit(private_dir: Path, recipe: dict | Recipe, *, public: Path | None = None,
+          canaries: int = 64, control: str = "none", out: Path | None = None,
           progress: Progress | None = None) -> dict:
     """Insert `canaries`, fit as `fit` would, score every canary, bound epsilon; the result as a
-    JSON-able dict (written with a report and a plot to `out` when given)."""
+    JSON-able dict (written with a report and a plot to `out` when given).
+
+    `recipe`: what run.fit takes: the raw table `privsynth fit` passes (a recipe file with --set
+    and the flags applied; the defaults for PRIVATE complete it inside the fit), or a resolved
+    `Recipe`, used as it is."""
     if control not in CONTROLS:
         raise UsageError(f"--control must be one of {', '.join(CONTROLS)}, got {control!r}")
     if canaries < 2 * bound.SMALLEST_K:
         raise UsageError(f"--canaries must be >= {2 * bound.SMALLEST_K}, got {canaries}")
-    if recipe.privacy.unit != "image":
-        raise UsageError("audit inserts canaries as single images: use privacy.unit=image")
     if out is not None:
         from privsynth import publish
 
@@ -61,25 +63,33 @@ def audit(private_dir: Path, recipe: Recipe, *, public: Path | None = None, cana
     if listing.layout not in ("imagefolder", "flat"):
         raise UsageError(f"audit reads ImageFolder or flat folders; {private_dir} is "
                          f"{listing.layout}")
-    recipe, _ = run.resolve_for(recipe, listing)  # delta and channels as a fit of PRIVATE has them
-    channels = int(recipe.data.channels)
+    facts = defaults.facts_of(listing, public)
+    raw = recipe if isinstance(recipe, dict) else None
+    preview, _ = run.resolve_for(defaults.complete(raw, facts)[0] if raw else recipe, listing)
+    if preview.privacy.unit != "image":
+        raise UsageError("audit inserts canaries as single images: use privacy.unit=image")
+    # PRIVATE's delta (1 / (N ln N) of PRIVATE unless given), not that of PRIVATE + canaries
+    request = (dict(raw, privacy={**raw.get("privacy", {}), "delta": preview.privacy.delta})
+               if raw else with_privacy(recipe, delta=preview.privacy.delta))
     included = np.array([secrets.randbits(1) == 1 for _ in range(canaries)])
     labels = torch.arange(canaries) % len(listing.classes)
     with tempfile.TemporaryDirectory(prefix="privsynth-audit-") as tmp:
         work = Path(tmp)
-        every = _write_canaries(work / "canaries", listing.classes, labels, recipe.data.resolution,
-                                channels, listing.layout)
+        every = _write_canaries(work / "canaries", listing.classes, labels, facts.size,
+                                1 if facts.grey else 3, listing.layout)
         mirror = _mirror(listing, work / "private", [p for p, i in zip(every, included) if i])
         released: list = []
         with mechanisms.audit_scope(lambda charge, total: released.append((charge, total))), \
                 (mechanisms.noise_off() if control == "no-noise" else contextlib.nullcontext()):
             fit_start = time.monotonic()
-            result = run.fit(mirror, public, recipe, work / "run", progress=progress,
+            result = run.fit(mirror, public, request, work / "run", progress=progress,
                              dataset=f"audit-{secrets.token_hex(8)}", ledger_dir=work / "ledger")
             fit_seconds = time.monotonic() - fit_start
+        recipe = result.recipe  # what the fit resolved: the defaults for the data, then `raw`
         canary_set = data.load(data.Listing(work / "canaries", listing.layout, tuple(every),
                                             tuple(int(y) for y in labels), listing.classes),
-                               resolution=recipe.data.resolution, channels=channels)
+                               resolution=recipe.data.resolution,
+                               channels=int(recipe.data.channels))
         if len(canary_set) != canaries:
             raise RuntimeError(f"{canaries - len(canary_set)} canaries could not be decoded")
         if progress:
@@ -95,18 +105,21 @@ def audit(private_dir: Path, recipe: Recipe, *, public: Path | None = None, cana
     return report
 
 
-def _write_canaries(root: Path, classes: tuple[str, ...], labels: torch.Tensor, side: int,
-                    channels: int, layout: str) -> list[Path]:
-    """One PNG per canary: blocks of side/8 pixels, each black or white (per channel) at random."""
+def _write_canaries(root: Path, classes: tuple[str, ...], labels: torch.Tensor,
+                    size: tuple[int, int], channels: int, layout: str) -> list[Path]:
+    """One PNG per canary at PRIVATE's most common (width, height) and channels, so the defaults
+    read the same facts from PRIVATE + canaries: blocks of min(w, h) / 8 pixels, each black or
+    white (per channel) at random."""
     rng = np.random.default_rng(secrets.randbits(128))
-    block = max(1, side // 8)
-    cells = math.ceil(side / block)
+    width, height = size
+    block = max(1, min(size) // 8)
+    cells = (math.ceil(height / block), math.ceil(width / block))
     paths = []
     for i, y in enumerate(labels.tolist()):
         folder = root / classes[y] if layout == "imagefolder" else root
         folder.mkdir(parents=True, exist_ok=True)
-        bits = rng.integers(0, 2, size=(cells, cells, channels), dtype=np.uint8) * 255
-        pixels = bits.repeat(block, 0).repeat(block, 1)[:side, :side]
+        bits = rng.integers(0, 2, size=(*cells, channels), dtype=np.uint8) * 255
+        pixels = bits.repeat(block, 0).repeat(block, 1)[:height, :width]
         path = folder / f"{CANARY_PREFIX}{i:05d}.png"
         Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels,
                         "L" if channels == 1 else "RGB").save(path)
