@@ -17,7 +17,7 @@ for any N (the certificate names N only where delta or a sample rate uses it).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,9 @@ def _resolution(method: str, facts: Facts) -> tuple[int, str]:
     why = f"{w}x{h} is the most common size in the private files' headers"
     if side != min(w, h):
         why += (f"; {side} is the largest side <= {min(w, h, MAX_SIDE)} the generators build"
-                + (f" (measured at 28 and 32 px; larger costs CPU time)" if min(w, h) > MAX_SIDE
+                + (" and privimage's UNet halves twice (a multiple of 4)" if method == "privimage"
+                   else "")
+                + (" (measured at 28 and 32 px; larger costs CPU time)" if min(w, h) > MAX_SIDE
                    else ""))
     return side, why
 
@@ -250,8 +252,3 @@ def _merge(base: dict, top: dict) -> dict:
         out[key] = (_merge(out[key], value) if isinstance(value, dict)
                     and isinstance(out.get(key), dict) else value)
     return out
-
-
-def as_dict(facts: Facts) -> dict:
-    """JSON form of `facts` (recorded next to `chosen`)."""
-    return asdict(facts)
