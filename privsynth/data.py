@@ -40,13 +40,14 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from privsynth.errors import DataError
 from privsynth.files import sha256_of
+from privsynth.progress import Progress
 
 if TYPE_CHECKING:  # torch is imported by load() only: `privsynth inspect` starts in ~1 s, not ~5
     import torch
@@ -85,6 +86,27 @@ class Listing:
         """Entries found under the root: listed files plus those skipped."""
         return len(self.files) + len(self.skipped)
 
+    @property
+    def unit_count(self) -> int:
+        """N, the number of privacy units: the distinct units `units` names, else one per listed
+        file. Every mechanism sized from N (delta, DP-SGD sample rates) reads it here."""
+        return len(set(self.units)) if self.units else len(self.files)
+
+    @property
+    def unit_sizes(self) -> list[int] | None:
+        """Listed files per unit (index = unit), or None when every file is its own unit."""
+        return unit_sizes(self.units)
+
+
+def unit_sizes(units: Sequence[int]) -> list[int] | None:
+    """How many entries of `units` (each file's unit, an index) name each unit; None if empty."""
+    if not units:
+        return None
+    sizes = [0] * (max(units) + 1)
+    for unit in units:
+        sizes[unit] += 1
+    return sizes
+
 
 @dataclass
 class ImageSet:
@@ -98,6 +120,19 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def batches(self, size: int, device: str | torch.device, *, progress: Progress | None = None,
+                what: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The images in order, `size` at a time: (floats in [0, 1] on `device`, labels, units or
+        None); after each batch is used, `progress(what, images done, len(self))`."""
+        import torch
+
+        for start in range(0, len(self), size):
+            x = self.images[start:start + size].to(device, torch.float32) / 255.0
+            u = None if self.units is None else self.units[start:start + size]
+            yield x, self.labels[start:start + size], u
+            if progress:
+                progress(what, min(start + size, len(self)), len(self))
 
 
 def display(path: str | Path) -> str:
@@ -295,6 +330,11 @@ def read(path: Path, resolution: int, channels: int) -> np.ndarray:
     """Open, check and convert one file; raises ValueError/OSError-like errors on a bad file."""
     with open_image(path) as img:
         return convert(img, resolution, channels)
+
+
+def scaled(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> floats in [-1, 1] (x / 127.5 - 1): the UNet's and the classifiers' input."""
+    return images.float() / 127.5 - 1.0
 
 
 def reason(exc: Exception) -> str:

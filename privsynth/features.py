@@ -30,6 +30,7 @@ class Encoder(nn.Module):
     name: str
     dim: int
     input_size: int
+    spec: dict | None = None  # the [features] table that rebuilds it (`encoder_from`), or None
 
     def freeze(self) -> "Encoder":
         """Eval mode and no gradients to the weights (BatchNorm statistics never change)."""
@@ -343,4 +344,15 @@ def load_encoder(name: str, *, weights: str | None = None, input_size: int = 64,
     else:
         raise UsageError(f"unknown encoder {name!r}: use 'efficientnet-lite0', "
                          f"{', '.join(repr(n) for n in CIFAR_RESNETS)} or 'open_clip:<model name>'")
-    return WithPixels(encoder, pixels, pixel_size) if pixels > 0 else encoder
+    encoder = WithPixels(encoder, pixels, pixel_size) if pixels > 0 else encoder
+    encoder.spec = {"encoder": name, "weights": weights or "", "input_size": input_size,
+                    "pixels": pixels, "pixel_size": pixel_size, "grid": grid}
+    return encoder
+
+
+def encoder_from(table: dict) -> Encoder:
+    """The encoder that a recipe's [features] table names (as recipe.json records it, and as a
+    saved model that reads an encoder records `Encoder.spec`)."""
+    return load_encoder(table["encoder"], weights=table["weights"] or None,
+                        input_size=table["input_size"], pixels=table["pixels"],
+                        pixel_size=table["pixel_size"], grid=table["grid"])

@@ -22,8 +22,7 @@ import torch
 from privsynth.errors import MissingResourceError, UsageError
 from privsynth.features import EFFICIENTNET_LITE0_SHA256, load_encoder
 from privsynth.files import sha256_of
-
-Progress = Callable[[str, int, int], None]
+from privsynth.progress import Progress
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # Where clean-fid itself downloads it from (cleanfid/downloads_helper.py; a test pins the two equal).

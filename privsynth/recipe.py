@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from privsynth.errors import UsageError
-from privsynth.generators import METHODS, method_module
+from privsynth import generators
 from privsynth.privacy.units import parse as parse_unit
 
 
@@ -159,8 +159,9 @@ def _literal(text: str) -> Any:
 def resolve(raw: dict) -> Recipe:
     """Validate a raw recipe table (strict keys, typed values) into a `Recipe`."""
     method = raw.get("method")
-    if method not in METHODS:
-        raise UsageError(f"method must be one of {', '.join(METHODS)} (got {method!r}); "
+    if method not in generators.REGISTRY:
+        names = ", ".join(generators.REGISTRY)
+        raise UsageError(f"method must be one of {names} (got {method!r}); "
                          "pass --method or set `method` in the recipe")
     own = section_name(method)
     known = ["method", *_SECTIONS, own]
@@ -168,7 +169,7 @@ def resolve(raw: dict) -> Recipe:
         if key not in known:
             raise UsageError(f"unknown recipe section {key!r}{_hint(key, known)}")
     parts = {name: _build(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
-    generator = _build(method_module(method).Config, raw.get(own, {}), own)
+    generator = _build(generators.method(method).config, raw.get(own, {}), own)
     return Recipe(method=method, generator=generator, **parts)
 
 

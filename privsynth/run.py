@@ -25,14 +25,15 @@ import torch
 from privsynth import certificate, data, defaults, distributed, manifest, publish
 from privsynth.checkpoint import WorkState
 from privsynth.errors import DataError, UsageError
-from privsynth.features import load_encoder
-from privsynth.generators import method_module
+from privsynth.features import encoder_from
+from privsynth.generators import method
+from privsynth.generators.base import Method
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy import ledger as ledgers
 from privsynth.privacy import units as privacy_units
+from privsynth.progress import Progress
 from privsynth.recipe import Recipe, from_dict, resolve
 
-Progress = Callable[[str, int, int], None]
 FIT_STATE = "fit-state.json"  # in the work folder: resolved inputs and written-ahead charges
 FIT_STATE_SCHEMA = "privsynth.fit-state/1"
 _NO_EPSILON = ("privacy.epsilon must be set (> 0): pass --epsilon or set privacy.epsilon in the "
@@ -61,7 +62,7 @@ def resolve_for(recipe: Recipe, private: data.Listing) -> tuple[Recipe, str]:
     """Fill in what depends on the private folder's listing: delta and grey/colour."""
     rule = f"user-given delta = {recipe.privacy.delta:g}"
     if recipe.privacy.delta == 0:  # N counts privacy units: delta must be well below 1/N units
-        n = len(set(private.units)) if private.units else len(private.files)
+        n = private.unit_count
         recipe = replace(recipe, privacy=replace(recipe.privacy, delta=default_delta(n)))
         rule = (f"1 / (N ln N) with N = {n} privacy units ({recipe.privacy.unit})" if private.units
                 else f"1 / (N ln N) with N = {n} private image files")
@@ -95,8 +96,8 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe | dict, out: Path
     request, raw = recipe, (recipe if isinstance(recipe, dict) else None)
     if raw is not None:  # checked now; the defaults complete it in _begin (privimage.draft,
         recipe = resolve(raw)  # which decides data_parallel, keeps its class default there)
-    module = method_module(recipe.method)
-    if not _data_parallel(module, recipe) and distributed.world() > 1:
+    module = method(recipe.method)
+    if not module.data_parallel(recipe.generator) and distributed.world() > 1:
         return _alone(lambda: fit(private_dir, public, request, out, progress=progress,
                                   dataset=dataset, ledger_dir=ledger_dir, strict=strict))
     listing, ledger, recipe, doc = distributed.on_main(
@@ -109,12 +110,6 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe | dict, out: Path
         f"the processes list different files in {doc['private_dir']}: every node needs the same "
         "private folder at that path"))
     return _fit(listing, recipe, out, module, ledger, doc, progress)
-
-
-def _data_parallel(module, recipe: Recipe) -> bool:
-    """Whether every torchrun rank trains on its share for this recipe (the method says)."""
-    check = getattr(module, "data_parallel", None)
-    return bool(check(recipe.generator)) if check else False
 
 
 def _alone(call: Callable[[], FitResult]) -> FitResult | None:
@@ -135,7 +130,7 @@ def _fingerprint(listing: data.Listing) -> str:
     return h.hexdigest()
 
 
-def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, module,
+def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, module: Method,
            dataset: str | None, ledger_dir: Path | None, strict: bool,
            raw: dict | None = None) -> tuple[data.Listing, ledgers.Ledger, Recipe, dict]:
     """The checks before a fit (rank 0): inputs, `out`, the ledger; the fit-state document; with
@@ -145,6 +140,8 @@ def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, mo
         raise UsageError(_NO_EPSILON)
     if public is not None and not Path(public).exists():
         raise DataError(f"public source {public} does not exist")
+    if public is None and module.uses_public:
+        raise UsageError(f"{module.name} needs --public: a labelled public image folder")
     # no CUDA here, or a GPU index under torchrun: refuse before anything is spent
     distributed.device(_device(recipe.run.device, explicit=True))
     publish.check_new(out)
@@ -199,8 +196,8 @@ def _resume(out: Path, progress: Progress | None) -> FitResult:
         raise UsageError(f"{work / FIT_STATE} was written by another privsynth version")
     publish.check_new(out)
     recipe = from_dict(doc["recipe"])
-    module = method_module(recipe.method)
-    if not getattr(module, "RESUMABLE", False):
+    module = method(recipe.method)
+    if not module.resumable:
         raise UsageError(f"{recipe.method} fits cannot be resumed yet; delete {work} and fit again "
                          "(the budget it recorded stays spent in the ledger)")
     listing = _with_units(data.scan(doc["private_dir"]), recipe.privacy.unit, module)
@@ -217,8 +214,8 @@ def work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledgers.Ledger | None,
-         doc: dict, progress: Progress | None) -> FitResult | None:
+def _fit(listing: data.Listing, recipe: Recipe, out: Path, module: Method,
+         ledger: ledgers.Ledger | None, doc: dict, progress: Progress | None) -> FitResult | None:
     """The fit proper, fresh (`doc` has no charges) or resumed (`doc` holds the recorded ones).
 
     `ledger` is None on the ranks other than 0: they train their share, write nothing and
@@ -231,9 +228,7 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
         if not doc["charges"]:
             state.save_json(FIT_STATE, doc)
     entries: list[str] = doc["ledger_entries"]
-    encoder = None
-    if getattr(module, "USES_ENCODER", True):
-        encoder = encoder_for(recipe)
+    encoder = encoder_for(recipe) if module.uses_encoder else None
 
     def write_ahead(charges: list) -> None:  # runs inside Budget.charge: before any noise/pixel
         entries.append(ledger.record(charges, delta=recipe.privacy.delta, unit=recipe.privacy.unit,
@@ -245,19 +240,18 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
                     accountant=recipe.privacy.accountant,
                     on_charge=lambda charges: distributed.on_main(write_ahead, charges),
                     charges=[Charge(**c) for c in doc["charges"]])
-    gen = module.Generator(recipe.generator, encoder, resolution=recipe.data.resolution,
+    gen = module.generator(recipe.generator, encoder, resolution=recipe.data.resolution,
                            channels=int(recipe.data.channels),
                            device=distributed.device(recipe.run.device))
     try:
         with _settle(ledger, entries):
-            extra = {"public": public} if getattr(module, "USES_PUBLIC", False) else {}
-            if getattr(module, "RESUMABLE", False):
-                extra["state"] = state  # rank 0's only: the other ranks keep no fit state
-            sampler = gen.fit(listing, budget, seed=recipe.run.seed, progress=progress, **extra)
+            sampler = gen.fit(listing, budget, public=public, seed=recipe.run.seed,
+                              progress=progress,
+                              state=state if module.resumable else None)  # None off rank 0
             if not main:
                 return None
             statement = _statement(module.privacy_statement(recipe.generator,
-                                                            unit=recipe.privacy.unit),
+                                                            recipe.privacy.unit),
                                    recipe, doc["delta_rule"], doc["auto_channels"],
                                    doc.get("header_size"))
             cert = certificate.issue(budget, method=recipe.method, delta_rule=doc["delta_rule"],
@@ -284,17 +278,15 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module, ledger: ledge
 
 def encoder_for(recipe: Recipe):
     """The pretrained encoder that `recipe.features` names."""
-    f = recipe.features
-    return load_encoder(f.encoder, weights=f.weights or None, input_size=f.input_size,
-                        pixels=f.pixels, pixel_size=f.pixel_size, grid=f.grid)
+    return encoder_from(recipe.to_dict()["features"])
 
 
-def _with_units(listing: data.Listing, spec: str, module: object) -> data.Listing:
+def _with_units(listing: data.Listing, spec: str, module: Method) -> data.Listing:
     """The listing with each file's privacy unit (from names and metadata only, no pixel)."""
     units = privacy_units.assign(listing.root, listing.files, spec)
     if units.per_image:
         return listing
-    if not getattr(module, "USER_LEVEL", False):
+    if not module.user_level:
         raise UsageError(f"privacy.unit={spec}: this method bounds only one image per unit; "
                          "use privacy.unit=image or a method with user-level privacy")
     return replace(listing, units=units.index)
@@ -353,10 +345,8 @@ def _n_unprotected(uses_n: str, delta_rule: str, kind: str) -> str:
     return f"the number of {what} N, which sets {'delta and ' if sets_delta else ''}{uses_n}"
 
 
-def _public_record(public: Path | None, module: object) -> dict:
-    used = ("semantic query, selection and pretraining" if getattr(module, "USES_PUBLIC", False)
-            else "not by dp-mepf: its public side is the pretrained encoder")
-    return {"path": str(public) if public else None, "used": used}
+def _public_record(public: Path | None, module: Method) -> dict:
+    return {"path": str(public) if public else None, "used": module.public_use}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -376,9 +366,7 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     cert = certificate.load(run)
     recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
                         if k not in ("public", "chosen")})
-    kind = method_module(recipe.method).Sampler
-    extra = {"encoder": encoder_for(recipe)} if kind.needs_encoder(run / "model") else {}
-    sampler = kind.load(run / "model", **extra).to(
+    sampler = method(recipe.method).sampler.load(run / "model").to(
         distributed.device(_device(device or recipe.run.device, explicit=device is not None)))
     with torch.inference_mode():
         part = sampler.sample(n, seed=seed, balanced=balanced,

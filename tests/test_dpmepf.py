@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -279,13 +280,13 @@ def test_split_releases_encode_each_private_image_once(tmp_path, encoder, monkey
     gen = dpmepf.Generator(cfg, encoder, resolution=28, channels=1)
     budget = Budget(epsilon=4.0, delta=1e-5, accountant="rdp")
     listing = scan(make_folder(tmp_path / "d", per_class=5))
-    rel = gen.release(listing, budget, gen.plan(budget, 10))
+    rel, rows = gen.release_and_rows(listing, budget, gen.plan(budget, 10))
     assert sum(seen) == 10 and rel.cells == 4  # stage 2 reads the rows stage 1 encoded
-    assert gen._rows.shape == (10, encoder.dim)  # and the judge gets them too
+    assert rows.shape == (10, encoder.dim)  # and the judge gets them too
     monkeypatch.undo()
     with torch.no_grad():
         direct = encoder(load(listing, resolution=28, channels=1).images.float() / 255.0)
-    torch.testing.assert_close(gen._rows, direct)
+    torch.testing.assert_close(rows, direct)
 
 
 def test_a_rows_cell_depends_on_that_row_alone(encoder) -> None:
@@ -543,16 +544,30 @@ def test_a_judged_fit_charges_the_judges_and_publishes_them(tmp_path, encoder) -
     sampler.save(tmp_path / "model")
     assert (tmp_path / "model" / "judge.safetensors").is_file()
     assert (tmp_path / "model" / "scatter_judge.safetensors").is_file()
-    with pytest.raises(Exception, match="needs the feature encoder"):
-        dpmepf.Sampler.load(tmp_path / "model").sample(2)
-    again = dpmepf.Sampler.load(tmp_path / "model", encoder=encoder)
-    assert sorted(again.judges) == ["dpmepf.judge", "dpmepf.scatter_judge"] and again.rounds == 3
-    for name, net in sampler.judges.items():
-        assert torch.equal(net.linear.weight, again.judges[name].linear.weight)
+    assert dpmepf.Sampler.needs_encoder(tmp_path / "model")
+    again = dpmepf.Sampler.load(tmp_path / "model")  # rebuilds the encoder it recorded
+    assert sorted(again.filters.judges) == ["dpmepf.judge", "dpmepf.scatter_judge"]
+    assert again.filters.rounds == 3
+    for name, net in sampler.filters.judges.items():
+        assert torch.equal(net.linear.weight, again.filters.judges[name].linear.weight)
     x1, y1 = sampler.sample(12, seed=4)
     x2, y2 = again.sample(12, seed=4)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert again.rejected == sampler.rejected
+    assert again.filters.rejected == sampler.filters.rejected
+    given = dpmepf.Sampler.load(tmp_path / "model", encoder=encoder)  # the caller's, if given
+    assert given.filters.views["dpmepf.judge"] is encoder
+    # a model saved without the encoder's table, outside a run folder: sampling says what is missing
+    meta = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert meta["judge"]["features"]["input_size"] == 32
+    del meta["judge"]["features"]
+    (tmp_path / "model" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="needs the feature encoder"):
+        dpmepf.Sampler.load(tmp_path / "model").sample(2)
+    # ... while in a run folder written before the table was recorded, the run's recipe names it
+    (tmp_path / "recipe.json").write_text(json.dumps({"features": encoder.spec}))
+    old = dpmepf.Sampler.load(tmp_path / "model")
+    assert old.filters.views["dpmepf.judge"].name == encoder.name
+    assert torch.equal(old.sample(12, seed=4)[0], x1)
 
 
 def test_the_judge_divides_by_the_charged_units_not_the_decoded_ones(tmp_path, encoder,

@@ -1,25 +1,32 @@
-"""Generators: one module per method, each exposing `Config`, `Generator` and `Sampler`."""
+"""Generators: one module per method, each defining `Config`, `Generator`, `Sampler` and `METHOD`
+(the contract is in `generators.base`). A new method is its module plus one line in REGISTRY."""
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 from privsynth.errors import UsageError
 
-METHODS = ("dp-mepf", "privimage")
+if TYPE_CHECKING:
+    from privsynth.generators.base import Method
+
+# name (recipes, --method) -> the module that defines its METHOD; imported only when used.
+REGISTRY: dict[str, str] = {
+    "dp-mepf": "privsynth.generators.dpmepf",
+    "privimage": "privsynth.generators.privimage",
+}
+METHODS = tuple(REGISTRY)
 
 
-def method_module(name: str) -> ModuleType:
-    """The module implementing method `name`."""
-    if name == "dp-mepf":
-        from privsynth.generators import dpmepf
-
-        return dpmepf
-    if name == "privimage":
-        from privsynth.generators import privimage
-
-        return privimage
-    raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+def method(name: str) -> Method:
+    """The description of method `name` (its module is imported now)."""
+    if name not in REGISTRY:
+        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(REGISTRY)}")
+    found = importlib.import_module(REGISTRY[name]).METHOD
+    if found.name != name:
+        raise RuntimeError(f"{REGISTRY[name]}.METHOD is {found.name!r}, registered as {name!r}")
+    return found
 
 
 def draw_labels(n: int, class_weights: Sequence[float], *, balanced: bool, generator):

@@ -21,28 +21,21 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from privsynth.checkpoint import WorkState
-from privsynth.data import Listing, load
+from privsynth.data import ImageSet, Listing, load
 from privsynth.errors import UsageError
 from privsynth.features import Encoder
 from privsynth import generators
-from privsynth.generators import draw_chunks, draw_labels
-from privsynth.generators import judge
+from privsynth.generators import draw_chunks, draw_labels, judge, judges
+from privsynth.generators.base import Method
 from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
-from privsynth.privacy.dpsgd import unit_members
-from privsynth.scattering import ScatterView
-
-Progress = Callable[[str, int, int], None]
-RESUMABLE = True  # fit() accepts a WorkState and continues from it
-# Every release bounds a whole privacy unit (privacy.unit), not only one image (see release()).
-USER_LEVEL = True
+from privsynth.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -105,17 +98,7 @@ class Config:
             raise UsageError("dpmepf.share_centre must be > 0 when split_bits > 0")
         if self.split_noise < 0:
             raise UsageError(f"dpmepf.split_noise must be >= 0, got {self.split_noise}")
-        if self.judge and (self.judge_sigma <= 0 or self.judge_batch < 1 or self.judge_epochs <= 0
-                           or self.judge_clip <= 0 or self.judge_rounds < 0):
-            raise UsageError("dpmepf.judge needs judge_sigma, judge_batch, judge_epochs and "
-                             "judge_clip > 0 and judge_rounds >= 0")
-        if self.scatter_judge and (self.scatter_sigma <= 0 or self.scatter_batch < 1
-                                   or self.scatter_epochs <= 0 or self.scatter_scales < 1
-                                   or self.scatter_groups < 1 or self.judge_clip <= 0
-                                   or self.judge_rounds < 0):
-            raise UsageError("dpmepf.scatter_judge needs scatter_sigma, scatter_batch, "
-                             "scatter_epochs, judge_clip > 0, scatter_scales and scatter_groups "
-                             ">= 1 and judge_rounds >= 0")
+        judges.check(self)
         if self.unbiased and self.batch_per_class < 2 * 2 ** self.split_bits:
             raise UsageError(f"dpmepf.unbiased needs >= 2 generated images per cell: "
                              f"batch_per_class >= {2 * 2 ** self.split_bits} at split_bits "
@@ -152,24 +135,12 @@ class Config:
         total = sum(share for _, share, _, _ in specs)
         charges = [Charge(name, scale / math.sqrt(share / total), 1.0, 1, bound, what)
                    for name, share, bound, what in specs if share > 0]
-        if self.judge:
-            if n < 1:
-                raise UsageError("dpmepf.judge: the plan needs the number of privacy units")
-            charges.append(judge.charge(self.judge_sigma * scale, self.judge_batch,
-                                        self.judge_epochs, self.judge_clip, n))
-        if self.scatter_judge:
-            if n < 1:
-                raise UsageError("dpmepf.scatter_judge: the plan needs the number of privacy units")
-            charges.append(judge.charge(self.scatter_sigma * scale, self.scatter_batch,
-                                        self.scatter_epochs, self.judge_clip, n,
-                                        name="dpmepf.scatter_judge"))
-        return charges
+        return charges + judges.charges(self, scale, n)
 
     @property
     def filters(self) -> tuple[str, ...]:
         """The charge names of the label filters this recipe trains."""
-        return tuple(name for name, on in (("dpmepf.judge", self.judge),
-                                           ("dpmepf.scatter_judge", self.scatter_judge)) if on)
+        return judges.enabled(self)
 
 
 def privacy_statement(config: Config, unit: str = "image") -> dict:
@@ -191,41 +162,16 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
             "centre released by dpmepf.centre); phi1, phi2 and counts are released per cell. "
             "Given the released centres an image's cell depends on that image alone, so it still "
             "adds one row to one slot; the two stages compose adaptively in the accountant.")
-    if config.judge:
-        notes.append(
-            "dpmepf.judge is DP-SGD: a linear classifier of the same feature rows (norm <= 1) "
-            "trained with Poisson "
-            "sampling of privacy units (rate judge_batch / N, N the number of units the private "
-            "folder lists, as for privimage's DP-SGD), each unit's gradient clipped to "
-            f"{config.judge_clip:g} and Gaussian noise added once per step, empty batches "
-            "included. Its weights are published with the generator; sampling redraws (up to "
-            f"{config.judge_rounds} times) generated images it assigns to another class, which "
-            "reads no private data.")
-    if config.scatter_judge:
-        notes.append(
-            "dpmepf.scatter_judge is DP-SGD on the same terms (Poisson sampling of privacy units at "
-            "rate scatter_batch / N, each unit's gradient clipped to "
-            f"{config.judge_clip:g}, Gaussian noise once per step, empty batches included): a "
-            "linear classifier of the wavelet scattering transform of each private image "
-            f"(J={config.scatter_scales}, L=8, {config.scatter_groups} normalisation groups; a "
-            "fixed function of that image alone). Its weights are published; sampling keeps an "
-            "image only when every judge agrees with its label.")
+    notes += judges.notes(config)
     post = ("a generator trained only on the noisy releases (it never reads private data); "
             "sampling uses class proportions from the noisy counts")
     stmt = {"privacy_unit": "one image file", "post_processing": post, "notes": notes,
             "unprotected": []}
     if config.filters:  # their sample rates are batch / N: N is then declared (run._statement)
         stmt["post_processing"] += " and redraws images a DP-SGD judge assigns to another class"
-        stmt["uses_n"] = (judge_rates(config) + ", and through it the sigma of every release "
+        stmt["uses_n"] = (judges.rates(config) + ", and through it the sigma of every release "
                           "(all charges are calibrated together)")
     return stmt
-
-
-def judge_rates(config: Config) -> str:
-    """The label filters' use of N, in words: their DP-SGD sample rates are batch / N."""
-    rates = {"dpmepf.judge": "judge_batch / N", "dpmepf.scatter_judge": "scatter_batch / N"}
-    return "the DP-SGD sample rate of " + " and ".join(
-        f"{name} ({rates[name]})" for name in config.filters)
 
 
 @dataclass
@@ -246,7 +192,6 @@ class Generator:
         self.config, self.encoder = config, encoder.to(device)
         self.resolution, self.channels, self.device = resolution, channels, device
         self.rejects: list[tuple[str, str]] = []  # private files that could not be decoded
-        self._rows: torch.Tensor | None = None  # private feature rows kept for the judge
 
     def plan(self, budget: Budget, n: int = 0) -> list[Charge]:
         """Calibrate every release (and the judge, over `n` privacy units) to the budget and
@@ -265,19 +210,24 @@ class Generator:
         budget.charge(charges)
         return charges
 
-    def fit(self, private: Listing, budget: Budget, *, seed: int = 0,
-            progress: Progress | None = None, state: WorkState | None = None,
-            charges: list[Charge] | None = None) -> "Sampler":
-        """Charge, release the noisy embeddings once, then train the generator on them.
+    def fit(self, private: Listing, budget: Budget, *, public: Path | None = None, seed: int = 0,
+            progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
+        """Charge, release the noisy embeddings once, then train the generator on them (`public`
+        is not used: dp-mepf's public side is the pretrained encoder).
 
         With `state`, the releases are saved as soon as they exist and training is checkpointed;
         a later call with the same state continues from there without touching private data.
-        `charges`: this recipe's charges, already calibrated and recorded by a caller that
-        composes them with its own (privimage's drafts); planned here when None.
         """
-        n = len(set(private.units)) if private.units else len(private.files)
+        return self.fit_charged(private, budget, None, seed=seed, progress=progress, state=state)
+
+    def fit_charged(self, private: Listing, budget: Budget, charges: list[Charge] | None, *,
+                    seed: int = 0, progress: Progress | None = None,
+                    state: WorkState | None = None) -> "Sampler":
+        """`fit`, on `charges`: this recipe's charges, already calibrated and recorded by a caller
+        that composes them with its own (privimage's drafts); planned here when None."""
+        n = private.unit_count
         saved = state.load("releases") if state else None
-        images = None
+        images, rows = None, None
         if saved is not None:
             self.rejects = [tuple(r) for r in saved.pop("rejects")]
             releases = Releases(**saved)
@@ -285,79 +235,51 @@ class Generator:
         else:
             charges = self.plan(budget, n) if charges is None else charges
             images = load(private, resolution=self.resolution, channels=self.channels)
-            releases = self.release(private, budget, charges, progress, images=images)
+            releases, rows = self.release_and_rows(private, budget, charges, progress,
+                                                   images=images)
             if state:
                 state.save("releases", dict(releases.__dict__, rejects=self.rejects))
-        filters, views = {}, {name: self.view(name) for name in self.config.filters}
-        for name in self.config.filters:
-            saved = state.load(judge.key(name)) if state else None
-            if saved is None:  # an interrupted judge restarts: its draws were never released
-                if images is None:
-                    images = load(private, resolution=self.resolution, channels=self.channels)
-                filters[name] = self._judge(name, views[name], images, budget, charges, n,
-                                            progress)
-                if state:
-                    state.save(judge.key(name), filters[name].state_dict())
-            else:
-                filters[name] = judge.Judge(saved["linear.weight"].shape[1], len(private.classes))
-                filters[name].load_state_dict(saved)
-                filters[name].eval().requires_grad_(False)
-        del images
-        self._rows = None
-        sampler = self.train(releases, private.classes, seed=seed, progress=progress, state=state)
-        if filters:
-            sampler.judges = {n: f.cpu() for n, f in filters.items()}
-            sampler.rounds = self.config.judge_rounds
-            sampler.views = views
-        return sampler
 
-    def view(self, name: str) -> torch.nn.Module:
-        """What the label filter `name` reads: the run's encoder, or the scattering transform."""
-        if name == "dpmepf.judge":
-            return self.encoder
-        return ScatterView((self.resolution, self.resolution), self.channels,
-                           self.config.scatter_scales, groups=self.config.scatter_groups)
+        def decoded() -> ImageSet:
+            nonlocal images
+            if images is None:
+                images = load(private, resolution=self.resolution, channels=self.channels)
+            return images
 
-    def _judge(self, name: str, view: torch.nn.Module, images, budget: Budget,
-               charges: list[Charge], n: int, progress: Progress | None) -> judge.Judge:
-        """Train the DP-SGD label filter `name` on its recorded charge (over `n` privacy units,
-        the N it was charged for), from what `view` reads of the private images (for
-        dpmepf.judge, the feature rows the releases read; encoded again when a resumed fit has
-        only the saved releases)."""
-        found = [c for c in charges if c.name == name]
-        if not found:
-            raise UsageError(f"{name} is on but no {name} charge was recorded for this fit (was it "
-                             "started with it off?)")
-        rows = self._rows if name == "dpmepf.judge" else None
-        if rows is None:
-            view = view.to(self.device)
-            with torch.no_grad():
-                rows = torch.cat([view(x).float().cpu() for x, _, _ in
-                                  self._batches(images, progress, f"reading private images ({name})")])
-        units = None if images.units is None else int(images.units.max()) + 1
-        lr = self.config.judge_lr if name == "dpmepf.judge" else self.config.scatter_lr
-        return judge.train(rows.to(self.device), images.labels, len(images.classes), budget,
-                           found[0], lr=lr, groups=unit_members(images.units, len(images), units),
-                           units=n, progress=progress)
+        filters = judges.train(self.config, decoded, budget, charges, n, encoder=self.encoder,
+                               shape=(self.resolution, self.channels), rows=rows,
+                               device=self.device, progress=progress, state=state)
+        del images, rows
+        return self.train(releases, private.classes, seed=seed, progress=progress, state=state,
+                          filters=filters)
+
+    def release(self, private: Listing, budget: Budget, charges: list[Charge],
+                progress: Progress | None = None, *, images: ImageSet | None = None) -> Releases:
+        """Read the private images (or take `images`, the decoded `private`), accumulate clipped
+        statistics, and release them with noise (the judges' charges, if any, are left alone)."""
+        return self.release_and_rows(private, budget, charges, progress, images=images)[0]
 
     @torch.no_grad()
-    def release(self, private: Listing, budget: Budget, charges: list[Charge],
-                progress: Progress | None = None, *, images=None) -> Releases:
-        """Read the private images (or take `images`, the decoded `private`), accumulate clipped
-        statistics, and release them with noise (the judge's charge, if any, is left alone)."""
+    def release_and_rows(self, private: Listing, budget: Budget, charges: list[Charge],
+                         progress: Progress | None = None, *, images: ImageSet | None = None
+                         ) -> tuple[Releases, torch.Tensor | None]:
+        """`release`, and the private encoder rows it read when the feature judge is on (the
+        judge trains on the same rows; None otherwise, so they are not all kept in memory)."""
         if images is None:
             images = load(private, resolution=self.resolution, channels=self.channels)
         self.rejects = list(images.rejects)
         k, dim, noise = len(private.classes), self.encoder.dim, NoiseSource()
         by_name = {c.name: c for c in charges if c.name not in judge.VIEWS}
         # User-level privacy: a unit's rows are weighted 1/(its listed files) inside the mechanism.
-        sizes = (torch.bincount(torch.tensor(private.units)).tolist() if private.units else None)
+        sizes = private.unit_sizes
         centre, bits, encoded = None, 0, None
+        size = self.config.feature_batch
         if "dpmepf.centre" in by_name:  # stage 1: where each class is cut
             first = GaussianSum(budget, by_name.pop("dpmepf.centre"), k, dim + 1, noise,
                                 unit_sizes=sizes)
             encoded = []  # each batch's rows, read again by stage 2 instead of encoding twice
-            for x, y, u in self._batches(images, progress, "encoding private images (centres)"):
+            for x, y, u in images.batches(size, self.device, progress=progress,
+                                          what="encoding private images (centres)"):
                 encoded.append((self.encoder(x).float().cpu(), y, u))
                 feats = encoded[-1][0].double()
                 ones = torch.ones(len(y), 1, dtype=torch.float64)
@@ -374,7 +296,8 @@ class Generator:
         kept = [] if self.config.judge else None  # the rows, for the judge (same bound)
         batches = encoded if encoded is not None else (
             (self.encoder(x).float().cpu(), y, u)
-            for x, y, u in self._batches(images, progress, "encoding private images"))
+            for x, y, u in images.batches(size, self.device, progress=progress,
+                                          what="encoding private images"))
         for rows, y, u in batches:
             feats = rows.double()
             if kept is not None:
@@ -387,18 +310,9 @@ class Generator:
         counts = mech["dpmepf.counts"].release()[:, 0].clamp(min=1.0)
         phi1 = mech["dpmepf.phi1"].release() / counts[:, None]
         phi2 = mech["dpmepf.phi2"].release() / counts[:, None] if "dpmepf.phi2" in mech else None
-        del images
-        self._rows = None if kept is None else torch.cat(kept)
-        return Releases(phi1.float(), None if phi2 is None else phi2.float(), counts.float(), cells)
-
-    def _batches(self, images, progress: Progress | None, what: str):
-        step = self.config.feature_batch
-        for start in range(0, len(images), step):
-            x = images.images[start:start + step].to(self.device, torch.float32) / 255.0
-            u = None if images.units is None else images.units[start:start + step]
-            yield x, images.labels[start:start + step], u
-            if progress:
-                progress(what, min(start + step, len(images)), len(images))
+        releases = Releases(phi1.float(), None if phi2 is None else phi2.float(), counts.float(),
+                            cells)
+        return releases, None if kept is None else torch.cat(kept)
 
     def cell_of(self, feats: torch.Tensor, labels: torch.Tensor, centre: torch.Tensor,
                 bits: int) -> torch.Tensor:
@@ -412,8 +326,10 @@ class Generator:
         return (signs * (2 ** torch.arange(bits))).sum(1)
 
     def train(self, rel: Releases, classes: tuple[str, ...], *, seed: int = 0,
-              progress: Progress | None = None, state: WorkState | None = None) -> "Sampler":
-        """Train the generator to match the released embeddings (post-processing only).
+              progress: Progress | None = None, state: WorkState | None = None,
+              filters: judges.Filters | None = None) -> "Sampler":
+        """Train the generator to match the released embeddings (post-processing only); the
+        sampler keeps the label `filters`, if any.
 
         With `state`, the whole training state (weights, optimiser, running means, random
         generator) is saved every `state.every` seconds and restored first: a resumed training
@@ -480,7 +396,8 @@ class Generator:
             if progress and (step % 10 == 0 or step == cfg.steps - 1):
                 progress(f"training generator (loss {loss.item():.3g})", step + 1, cfg.steps)
         weights = (rel.counts / rel.counts.sum()).tolist()
-        return Sampler((net if average is None else average).cpu().eval(), classes, weights)
+        return Sampler((net if average is None else average).cpu().eval(), classes, weights,
+                       filters=filters)
 
 
 def _variance_term(x: torch.Tensor, means: torch.Tensor, labels: torch.Tensor,
@@ -502,20 +419,16 @@ class Sampler:
     """A fitted DP-MEPF generator: safe to publish (it saw only noisy releases).
 
     `weights` holds one weight per generator slot: per class, or per cell (class * cells + cell)
-    when the releases were per cell; images are labelled with their slot's class. With `judges`
-    (dpmepf.judge, dpmepf.scatter_judge: charge name -> linear classifier, each reading its
-    `views` module), an image that any judge assigns to another class is redrawn, up to `rounds`
-    times."""
+    when the releases were per cell; images are labelled with their slot's class. With `filters`
+    (judges.Filters: dpmepf.judge, dpmepf.scatter_judge), an image that any judge assigns to
+    another class is redrawn."""
 
     method = "dp-mepf"
 
     def __init__(self, net: ConvGenerator, classes: tuple[str, ...], weights: list[float], *,
-                 judges: dict[str, torch.nn.Module] | None = None, rounds: int = 0,
-                 views: dict[str, torch.nn.Module] | None = None) -> None:
+                 filters: judges.Filters | None = None) -> None:
         self.net, self.classes, self.weights = net, tuple(classes), list(weights)
-        self.judges, self.rounds = dict(judges or {}), int(rounds)
-        self.views = dict(views or {})  # what each judge reads (the run's encoder, scattering)
-        self.rejected = 0  # draws the judges rejected in this process (a statistic for the card)
+        self.filters = filters
         if len(self.weights) % len(self.classes):
             raise ValueError(f"{len(self.weights)} slot weights for {len(self.classes)} classes")
         self.cells = len(self.weights) // len(self.classes)
@@ -552,39 +465,18 @@ class Sampler:
     def card(self, *, counted: bool = True) -> dict:
         """What the dataset card records of this sampling: the label filters, if any
         (`counted`: include how many draws they rejected in this process)."""
-        if not self.judges:
-            return {}
-        names = " and ".join(sorted(self.judges))
-        tally = f" ({self.rejected} draws rejected)" if counted else ""
-        return {"label filter": f"images that a DP-SGD classifier of the run ({names}) assigns "
-                                f"to another class were redrawn, up to {self.rounds} "
-                                f"times{tally}"}
+        return {} if self.filters is None else self.filters.card(counted=counted)
 
     @staticmethod
     def needs_encoder(folder: Path) -> bool:
-        """Whether `load(folder)` needs the run's encoder (a feature label filter reads it)."""
-        return judge.key("dpmepf.judge") in json.loads((folder / "config.json").read_text())
+        """Whether `load(folder)` builds the run's encoder (a feature label filter reads it)."""
+        return judges.needs_encoder(json.loads((folder / "config.json").read_text()))
 
     def _draw(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if not self.judges:
+        if self.filters is None:
             return self._images(labels, gen)
-        missing = sorted(set(self.judges) - set(self.views))
-        if missing:
-            raise UsageError(f"this run's label filter ({', '.join(missing)}) needs the feature "
-                             "encoder it reads: sample with `privsynth sample`, or set "
-                             "Sampler.views")
-        images, rejected = judge.filtered(lambda slots: self._images(slots, gen), self._accepts,
-                                          labels, labels // self.cells, self.rounds)
-        self.rejected += rejected
-        return images
-
-    def _accepts(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """True for each uint8 image that every judge puts in `classes` (its slot's class)."""
-        x = images.to(self.device, torch.float32) / 255.0
-        ok = torch.ones(len(images), dtype=torch.bool)
-        for name, net in self.judges.items():
-            ok &= net(self.views[name](x)).argmax(1).cpu() == classes
-        return ok
+        return self.filters.draw(lambda slots: self._images(slots, gen), labels,
+                                 labels // self.cells, self.device)
 
     def _images(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         z = torch.randn(len(labels), self.net.cfg.latent_dim, generator=gen)
@@ -600,8 +492,8 @@ class Sampler:
     def to(self, device: str) -> "Sampler":
         """Move the generator (and the judges and what they read) to `device` (e.g. 'cuda')."""
         self.net.to(device)
-        for part in (*self.judges.values(), *self.views.values()):
-            part.to(device)
+        if self.filters is not None:
+            self.filters.to(device)
         return self
 
     def save(self, folder: Path) -> None:
@@ -613,49 +505,26 @@ class Sampler:
                 "classes": list(self.classes), "class_weights": self.class_weights}
         if self.cells > 1:
             meta["slot_weights"] = self.weights
-        for name, net in self.judges.items():
-            key = judge.key(name)
-            save_file(net.state_dict(), str(folder / f"{key}.safetensors"))
-            view = self.views[name]
-            meta[key] = {"rounds": self.rounds, "dim": net.linear.in_features}
-            if name == "dpmepf.judge":
-                meta[key].update(network="linear on the run's encoder rows", encoder=view.name)
-            else:
-                meta[key].update(network=f"linear on {view.name}", scales=view.scattering.j,
-                                 angles=view.scattering.l, groups=view.groups)
+        if self.filters is not None:
+            meta.update(self.filters.save(folder))
         (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: Path, encoder: Encoder | None = None) -> "Sampler":
-        """Read a sampler written by `save`; a sampler with a feature judge (dpmepf.judge) needs
-        the run's `encoder`."""
+    def load(cls, folder: Path, *, encoder: Encoder | None = None) -> "Sampler":
+        """Read a sampler written by `save`. A feature label filter's encoder is rebuilt from
+        what `save` recorded, unless `encoder` (the run's) is given."""
         meta = json.loads((folder / "config.json").read_text())
         gcfg = ConvGenConfig(**meta["generator"])
         net = ConvGenerator(gcfg)
         net.load_state_dict(load_file(str(folder / "generator.safetensors")))
-        judges, views, rounds = {}, {}, 0
-        for name in judge.VIEWS:
-            key = judge.key(name)
-            if key not in meta:
-                continue
-            spec = meta[key]
-            if name == "dpmepf.judge":
-                if encoder is not None and (encoder.name, encoder.dim) != (spec["encoder"], spec["dim"]):
-                    raise UsageError(f"the label filter reads {spec['encoder']} rows of "
-                                     f"{spec['dim']} values; the encoder given is {encoder.name} "
-                                     f"({encoder.dim})")
-                if encoder is not None:
-                    views[name] = encoder
-            else:
-                views[name] = ScatterView((gcfg.resolution, gcfg.resolution), gcfg.channels,
-                                          int(spec["scales"]), int(spec["angles"]),
-                                          groups=int(spec["groups"]))
-                if views[name].dim != int(spec["dim"]):
-                    raise UsageError(f"{key}: the scattering view gives {views[name].dim} values, "
-                                     f"the saved judge reads {spec['dim']}")
-            judges[name] = judge.Judge(int(spec["dim"]), len(meta["classes"]))
-            judges[name].load_state_dict(load_file(str(folder / f"{key}.safetensors")))
-            judges[name].eval().requires_grad_(False)
-            rounds = int(spec["rounds"])
+        filters = judges.Filters.load(folder, meta, (gcfg.resolution, gcfg.channels), encoder)
         return cls(net.eval(), tuple(meta["classes"]), meta.get("slot_weights", meta["class_weights"]),
-                   judges=judges, rounds=rounds, views=views)
+                   filters=filters)
+
+
+METHOD = Method(name="dp-mepf", config=Config, generator=Generator, sampler=Sampler,
+                privacy_statement=privacy_statement, uses_public=False,
+                public_use="not by dp-mepf: its public side is the pretrained encoder",
+                uses_encoder=True, resumable=True,
+                user_level=True,  # every release bounds a whole privacy unit (see release())
+                parallel=None)

@@ -30,8 +30,8 @@ from torch import nn
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy.dpsgd import (DPSGD, clip_factors, clipped_sum, hidden_generator,
                                      unit_passes)
+from privsynth.progress import Progress
 
-Progress = Callable[[str, int, int], None]
 PASS = 4096  # rows per gradient pass (bounds memory, not privacy)
 
 

@@ -31,33 +31,23 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from privsynth import distributed
 from privsynth.checkpoint import WorkState
-from privsynth.data import ImageSet, Listing, load, scan
+from privsynth.data import ImageSet, Listing, load, scaled, scan, unit_sizes
 from privsynth.errors import DataError, UsageError
 from privsynth.features import Encoder
-from privsynth.generators import dpmepf, draw_chunks, draw_labels
+from privsynth.generators import dpmepf, draw_chunks, draw_labels, judges
+from privsynth.generators.base import Method
 from privsynth.generators.privimage import finetune, pretrain, semantic, unet
 from privsynth.generators.privimage.config import Config
 from privsynth.privacy import Budget, Charge, GaussianSum, NoiseSource
-
-Progress = Callable[[str, int, int], None]
-USES_PUBLIC = True  # run.fit passes the --public folder to Generator.fit
-USES_ENCODER = True  # the drafts' dp-mepf reads the [features] encoder (unused with draft none)
-RESUMABLE = True  # fit() accepts a WorkState and continues from it
-USER_LEVEL = True  # every mechanism bounds a whole privacy unit (privacy.unit), not one image
-
-
-def data_parallel(config: Config) -> bool:
-    """Whether every torchrun rank trains on its share (see the module doc): not with drafts."""
-    return config.draft == "none"
+from privsynth.progress import Progress
 
 
 def privacy_statement(config: Config, unit: str = "image") -> dict:
@@ -91,7 +81,7 @@ def privacy_statement(config: Config, unit: str = "image") -> dict:
                  "images pretrain the UNet and each sample starts from one (noised to "
                  f"{config.strength:g} of the diffusion schedule); " + drafts["post_processing"])
         if config.dpmepf.filters:
-            uses_n.append(dpmepf.judge_rates(config.dpmepf))
+            uses_n.append(judges.rates(config.dpmepf))
     stmt = {"privacy_unit": "one image file",
             "post_processing": post + "; class proportions from the noisy " +
                                ("counts" if config.draft == "dp-mepf" else "histogram"),
@@ -157,8 +147,8 @@ class Generator:
         same state continues from there and never releases anything again.
         """
         pub = self._public_listing(public, len(private.classes))
-        units = len(set(private.units)) if private.units else None
-        charges = self.plan(budget, units or len(private.files))
+        units = private.unit_count if private.units else None  # None: one image per unit
+        charges = self.plan(budget, private.unit_count)
         by_name = {c.name: c for c in charges}
         cfg = self.config
         public_set = functools.cache(lambda: load(pub, resolution=self.resolution,
@@ -192,8 +182,9 @@ class Generator:
         if cfg.draft == "dp-mepf":
             maker = dpmepf.Generator(cfg.dpmepf, self.encoder, resolution=self.resolution,
                                      channels=self.channels, device=self.device)
-            draft = maker.fit(private, budget, seed=seed, progress=progress, state=state,
-                              charges=[c for c in charges if c.name.startswith("dpmepf.")])
+            draft = maker.fit_charged(private, budget,
+                                      [c for c in charges if c.name.startswith("dpmepf.")],
+                                      seed=seed, progress=progress, state=state)
             draft.to("cpu")
         model = pretrain.pretrain(self._unet(len(private.classes)), public_set, chosen, cfg,
                                   seed=seed, device=self.device, progress=progress, state=state)
@@ -225,7 +216,7 @@ class Generator:
         images, labels = draft.sample(self.config.draft_images, seed=seed + 7, balanced=True)
         if progress:
             progress("drawing drafts", 1, 1)
-        return semantic.scaled(images), labels
+        return scaled(images), labels
 
     def _unet(self, classes: int) -> unet.UNetConfig:
         return replace(self.unet, classes=classes)
@@ -249,7 +240,7 @@ class Generator:
         With `units` (the listing's unit of each file), a unit's rows are weighted 1/m (m = its
         listed files): the whole unit moves the histogram by at most sqrt(k).
         """
-        sizes = torch.bincount(torch.tensor(units)).tolist() if units else None
+        sizes = unit_sizes(units)
         mech = GaussianSum(budget, charge, len(priv.classes), n_public, NoiseSource(),
                            unit_sizes=sizes, sharded=True)
         mine = distributed.shard(torch.arange(len(priv)))  # this rank's images
@@ -294,7 +285,7 @@ class Sampler:
     def _draw(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         start = None
         if self.strength < 1:
-            start = semantic.scaled(self.draft.draw_for(labels, gen))
+            start = scaled(self.draft.draw_for(labels, gen))
         x = unet.ddim_sample(self.model, labels, self.cfg, steps=self.steps,
                              guidance=self.guidance, generator=gen, start=start,
                              t_start=self.t_start)
@@ -333,19 +324,33 @@ class Sampler:
 
     @staticmethod
     def needs_encoder(folder: Path) -> bool:
-        """Whether `load(folder)` needs the run's encoder (the drafts' feature label filter)."""
+        """Whether `load(folder)` builds the run's encoder (the drafts' feature label filter)."""
         meta = json.loads((folder / "config.json").read_text())
         return bool(meta.get("draft")) and dpmepf.Sampler.needs_encoder(folder / meta["draft"])
 
     @classmethod
-    def load(cls, folder: Path, encoder: Encoder | None = None) -> "Sampler":
-        """Read a sampler written by `save` (`encoder`: see `needs_encoder`)."""
+    def load(cls, folder: Path, *, encoder: Encoder | None = None) -> "Sampler":
+        """Read a sampler written by `save`; the drafts' encoder as dpmepf.Sampler.load has it."""
         meta = json.loads((folder / "config.json").read_text())
         cfg = unet.UNetConfig.from_dict(meta["unet"])
         model = unet.build(cfg)
         model.load_state_dict(load_file(str(folder / "unet.safetensors")))
-        draft = (dpmepf.Sampler.load(folder / meta["draft"], encoder) if meta.get("draft")
-                 else None)
+        draft = (dpmepf.Sampler.load(folder / meta["draft"], encoder=encoder)
+                 if meta.get("draft") else None)
         return cls(model.eval(), cfg, tuple(meta["classes"]), meta["class_weights"],
                    meta["sample_steps"], meta["guidance"], meta["selection"], draft=draft,
                    strength=meta.get("strength", 1.0))
+
+
+def data_parallel(config: Config) -> bool:
+    """Whether every torchrun rank trains on its share (see the module doc): not with drafts."""
+    return config.draft == "none"
+
+
+METHOD = Method(name="privimage", config=Config, generator=Generator, sampler=Sampler,
+                privacy_statement=privacy_statement, uses_public=True,
+                public_use="semantic query, selection and pretraining",
+                uses_encoder=True,  # the drafts' dp-mepf reads it (unused with draft = "none")
+                resumable=True,
+                user_level=True,  # every mechanism bounds a whole privacy unit, not one image
+                parallel=data_parallel)

@@ -34,22 +34,21 @@ marks the fit as not resumable.
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 
 from privsynth import distributed
 from privsynth.checkpoint import WorkState
-from privsynth.data import ImageSet
+from privsynth.data import ImageSet, scaled
 from privsynth.errors import BudgetError
 from privsynth.generators import ema_update
-from privsynth.generators.privimage import semantic, unet
+from privsynth.generators.privimage import unet
 from privsynth.generators.privimage.config import Config
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy.dpsgd import (DPSGD, PerSampleGradients, clipped_sum, hidden_generator,
                                     unit_members, unit_passes)
+from privsynth.progress import Progress
 
-Progress = Callable[[str, int, int], None]
 STATE = "dpsgd"  # the training checkpoint's state name
 STOPPED = "dpsgd-stopped.json"  # written when a step failed because of the private data
 
@@ -86,7 +85,7 @@ def finetune(model: torch.nn.Module, priv: ImageSet, budget: Budget, charge: Cha
         for idx, owners in unit_passes(groups, distributed.shard(batch), cap=cfg.unit_images,
                                        per_pass=cfg.physical_batch, generator=gen):
             idx = torch.from_numpy(idx)
-            x = semantic.scaled(priv.images[idx]).repeat_interleave(m, 0).to(device)
+            x = scaled(priv.images[idx]).repeat_interleave(m, 0).to(device)
             y = unet.drop_labels(priv.labels[idx].repeat_interleave(m, 0), classes,
                                  cfg.label_dropout, gen)
             t, eps = unet.loss_draws(x, gen, cfg.t_max)

@@ -19,11 +19,11 @@ import torch
 
 from privsynth import distributed
 from privsynth.checkpoint import WorkState
-from privsynth.data import ImageSet
-from privsynth.generators.privimage import semantic, unet
+from privsynth.data import ImageSet, scaled
+from privsynth.generators.privimage import unet
 from privsynth.generators.privimage.config import Config
+from privsynth.progress import Progress
 
-Progress = Callable[[str, int, int], None]
 STATE = "pretrain"  # the public stage's state name in the work folder
 DRAFT_STATE = "draft-pretrain"  # the draft stage's
 Images = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (x in [-1, 1], labels)
@@ -97,4 +97,4 @@ def _relabelled(pub: ImageSet, chosen: list[list[int]]) -> tuple[torch.Tensor, t
         relabel[js] = i
     labels = relabel[pub.labels]
     keep = labels >= 0
-    return semantic.scaled(pub.images[keep]), labels[keep]
+    return scaled(pub.images[keep]), labels[keep]

@@ -15,13 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privsynth.downstream import SmallCNN
+from privsynth.classifier import SmallCNN, train_epochs
+from privsynth.data import scaled
 from privsynth.errors import UsageError
-
-
-def scaled(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
 
 
 def train_query(images: torch.Tensor, labels: torch.Tensor, classes: int, *, epochs: int,
@@ -32,16 +28,8 @@ def train_query(images: torch.Tensor, labels: torch.Tensor, classes: int, *, epo
     torch.manual_seed(seed)
     model = SmallCNN(images.shape[1], classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for start in range(0, len(order), batch):
-            idx = order[start:start + batch]
-            x = scaled(images[idx]).to(device)
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    train_epochs(model, lambda idx: scaled(images[idx]).to(device), labels, epochs=epochs,
+                 batch=batch, opt=opt, order=lambda: torch.randperm(len(images), generator=gen))
     return model.eval()
 
 
