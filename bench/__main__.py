@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      help="recipe override section.key=value (repeatable)")
     run.add_argument("--synthetic", type=int, default=60000, help="synthetic images to sample")
+    run.add_argument("--classifier", default="both", choices=["smallcnn", "resnet", "both"],
+                     help="downstream classifier(s) trained on the synthetic images: the "
+                          "SmallCNN (field accuracy, ~5 min on 60k images on 2 cores) and the "
+                          "ResNet (accuracy_resnet, ~15 min) [default: both]")
     run.add_argument("--work", default="bench-work", help="folder for data, runs and reports")
     run.add_argument("--results", default="benchmarks", help="folder holding RESULTS.md/results.jsonl")
     cost = sub.add_parser("cost", help="DP-SGD step time / plain step time on the privimage UNet")
@@ -34,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--json", action="store_true", help="also print the rows as JSON")
     ceiling = sub.add_parser("ceiling", help="the classifier trained on the real private split")
     ceiling.add_argument("dataset", choices=["mnist", "cifar10"])
+    ceiling.add_argument("--classifier", default="both", choices=["smallcnn", "resnet", "both"],
+                         help="classifier(s) to train on the real private split [default: both]")
+    ceiling.add_argument("--note", dest="notes", action="append", default=[],
+                         help="words for the row's notes column, e.g. how loaded the machine was")
     scale = sub.add_parser("scale", help="fit time against private-set size (1k, 10k, 55k)")
     scale.add_argument("dataset", choices=["mnist"])
     scale.add_argument("--method", default="dp-mepf", choices=["dp-mepf", "privimage"])

@@ -1,5 +1,6 @@
 """A PNG of downstream accuracy against epsilon: our latest row per (method, epsilon) from
-results.jsonl, the DPImageBench anchors, and the real-data ceiling. Drawn with Pillow only.
+results.jsonl with each downstream classifier's figure (SmallCNN, and the ResNet where the row has
+it), the DPImageBench anchors, and each classifier's real-data ceiling. Drawn with Pillow only.
 Rows whose `--set` overrides change their recipe (ablations), and rows whose recipe is not what
 `bench run` makes now for their command (stale: see `_stale`), are not drawn."""
 from __future__ import annotations
@@ -12,29 +13,40 @@ from PIL import Image, ImageDraw, ImageFont
 
 from privsynth import recipe as recipes
 
+# The downstream classifiers (bench.mnist.FIELDS): row field, marker, line width, ceiling colour
+CLASSIFIERS = {"SmallCNN": ("accuracy", "circle", 3, (0, 150, 0)),
+               "ResNet": ("accuracy_resnet", "diamond", 1, (0, 90, 0))}
 # DPImageBench accuracy (%) at epsilon 1 and 10 (benchmarks/README.md).
 ANCHORS = {"mnist": {"DP-MERF": (80.3, 81.3), "DPDM": (89.2, 97.7), "PrivImage": (94.0, 97.8),
                      "DP-FETA": (95.6, 98.1)},
            "cifar10": {"DP-MERF": (27.2, 29.0), "PE": (64.6, 75.3), "PrivImage": (74.5, 78.4)}}
 OURS = {"dp-mepf": (200, 30, 30), "privimage": (30, 110, 220)}
 GREYS = [(150, 150, 150), (120, 120, 120), (90, 90, 90), (170, 140, 100), (110, 150, 110)]
-W, H, LEFT, RIGHT, TOP, BOTTOM = 900, 560, 80, 250, 50, 70
+DASH = {"dash": 8, "dot": 3}  # ceiling lines: dash length of the SmallCNN's, the ResNet's
+W, H, LEFT, RIGHT, TOP, BOTTOM = 960, 560, 80, 290, 50, 70
 EPS_RANGE = (0.7, 14.0)
 
 
-def latest(rows: list[dict], dataset: str) -> tuple[dict[str, dict[float, float]], float | None]:
-    """{method: {epsilon target: accuracy %}} from the newest row of each, and the ceiling."""
-    series: dict[str, dict[float, float]] = {}
+def latest(rows: list[dict], dataset: str, field: str = "accuracy"
+           ) -> tuple[dict[str, dict[float, float]], float | None]:
+    """{method: {epsilon target: accuracy %}} from the newest row of each (no point where that
+    row lacks `field`: a classifier's figures all come from the run the other's come from), and
+    the newest ceiling that has `field`. `field`: "accuracy" (SmallCNN) or "accuracy_resnet"."""
+    newest: dict[tuple[str, float], dict] = {}
     ceiling = None
     for row in rows:  # file order is time order: later rows replace earlier ones
         if row["dataset"] != dataset:
             continue
         if row["method"].startswith("real data"):
-            ceiling = 100 * row["accuracy"]
+            ceiling = 100 * row[field] if field in row else ceiling
             continue
         if _ablation(row) or _stale(row):
             continue
-        series.setdefault(row["method"], {})[float(row["epsilon_target"])] = 100 * row["accuracy"]
+        newest[(row["method"], float(row["epsilon_target"]))] = row
+    series: dict[str, dict[float, float]] = {}
+    for (method, eps), row in newest.items():
+        if field in row:
+            series.setdefault(method, {})[eps] = 100 * row[field]
     return series, ceiling
 
 
@@ -98,10 +110,11 @@ def _ablation(row: dict) -> bool:
 
 def draw(rows: list[dict], dataset: str, out: Path) -> Path:
     """Write the chart for `dataset` to `out`."""
-    series, ceiling = latest(rows, dataset)
+    found = {name: latest(rows, dataset, field) for name, (field, *_) in CLASSIFIERS.items()}
     anchors = ANCHORS.get(dataset, {})
     values = [a for pair in anchors.values() for a in pair] + \
-        [a for s in series.values() for a in s.values()] + ([ceiling] if ceiling else [])
+        [a for series, ceiling in found.values()
+         for a in [v for s in series.values() for v in s.values()] + ([ceiling] if ceiling else [])]
     lo = max(0.0, 10 * math.floor(min(values + [80.0]) / 10) - 5)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -126,24 +139,33 @@ def draw(rows: list[dict], dataset: str, out: Path) -> Path:
     d.text((10, y1 - 18), "downstream accuracy % (real test set)", fill="black", font=font)
     d.text((x0, 8), f"{dataset.upper()}: accuracy against epsilon (ours: latest row of "
                      "benchmarks/results.jsonl)", fill="black", font=font)
+    d.text((x0, 24), "ours: circles and thick lines, SmallCNN; diamonds and thin lines, ResNet "
+                     "(the anchors' classifier is a ResNet / WRN)", fill="black", font=font)
     legend = []
-    if ceiling is not None:
-        _dashed(d, x0, x1, py(ceiling), (0, 150, 0))
-        legend.append((f"real data (ceiling) {ceiling:.1f}", (0, 150, 0), "dash"))
+    for name, (_, _, _, green) in CLASSIFIERS.items():
+        ceiling = found[name][1]
+        if ceiling is not None:
+            dash = "dash" if name == "SmallCNN" else "dot"
+            _dashed(d, x0, x1, py(ceiling), green, DASH[dash])
+            legend.append((f"real data (ceiling, {name}) {ceiling:.1f}", green, dash))
     for (name, (a1, a10)), colour in zip(anchors.items(), GREYS):
         _line(d, [(px(1), py(a1)), (px(10), py(a10))], colour, 1, "square")
         legend.append((f"{name} (DPImageBench)", colour, "square"))
-    for method, points in sorted(series.items()):
-        colour = OURS.get(method, (0, 0, 0))
-        pts = [(px(e), py(a)) for e, a in sorted(points.items())]
-        _line(d, pts, colour, 3, "circle")
-        for e, a in sorted(points.items()):
-            d.text((px(e) + 7, py(a) - 14), f"{a:.1f}", fill=colour, font=font)
-        legend.append((f"privsynth {method} (ours)", colour, "circle"))
+    for name, (_, mark, width, _) in CLASSIFIERS.items():
+        for method, points in sorted(found[name][0].items()):
+            colour = OURS.get(method, (0, 0, 0))
+            _line(d, [(px(e), py(a)) for e, a in sorted(points.items())], colour, width, mark)
+            for e, a in sorted(points.items()):
+                at = (px(e) + 7, py(a) - 14) if mark == "circle" else (px(e) - 34, py(a) - 6)
+                d.text(at, f"{a:.1f}", fill=colour, font=font)
+            legend.append((f"privsynth {method} ({name})", colour, mark))
     for i, (label, colour, mark) in enumerate(legend):
         y = y1 + 10 + 20 * i
-        _line(d, [(x1 + 15, y + 6), (x1 + 45, y + 6)], colour, 3 if mark == "circle" else 1,
-              None if mark == "dash" else mark)
+        if mark in DASH:
+            _dashed(d, x1 + 15, x1 + 45, y + 6, colour, DASH[mark])
+        else:
+            _line(d, [(x1 + 15, y + 6), (x1 + 45, y + 6)], colour, 3 if mark == "circle" else 1,
+                  mark)
         d.text((x1 + 52, y), label, fill="black", font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
@@ -155,15 +177,19 @@ def _line(d: ImageDraw.ImageDraw, pts: list[tuple[float, float]], colour: tuple,
     if len(pts) > 1:
         d.line(pts, fill=colour, width=width)
     for x, y in pts if mark else ():
-        box = [x - 4, y - 4, x + 4, y + 4]
-        (d.ellipse if mark == "circle" else d.rectangle)(box, fill=colour)
+        if mark == "diamond":
+            d.polygon([(x, y - 5), (x + 5, y), (x, y + 5), (x - 5, y)], fill=colour)
+        else:
+            box = [x - 4, y - 4, x + 4, y + 4]
+            (d.ellipse if mark == "circle" else d.rectangle)(box, fill=colour)
 
 
-def _dashed(d: ImageDraw.ImageDraw, x0: float, x1: float, y: float, colour: tuple) -> None:
+def _dashed(d: ImageDraw.ImageDraw, x0: float, x1: float, y: float, colour: tuple,
+            dash: int = 8) -> None:
     x = x0
     while x < x1:
-        d.line([x, y, min(x + 8, x1), y], fill=colour, width=2)
-        x += 14
+        d.line([x, y, min(x + dash, x1), y], fill=colour, width=2)
+        x += dash + 6
 
 
 def run(args) -> Path:

@@ -10,6 +10,7 @@ import resource
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from privsynth import defaults
 from privsynth import recipe as recipes
 from privsynth import run as runs
 from privsynth.data import load, scan
-from privsynth.downstream import ClassifierConfig, accuracy, train_classifier
+from privsynth.downstream import accuracy, preset, train_classifier
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.npz"
 TINY_IMAGENET = MNIST.parent / "tiny_imagenet_200_subset.zip"
@@ -30,6 +31,8 @@ SHAPE = {"mnist": (28, 1), "cifar10": (32, 3)}  # resolution, channels
 FACTS = {"mnist": defaults.Facts(size=(28, 28), grey=True, classes=10, public_classes=200),
          "cifar10": defaults.Facts(size=(32, 32), grey=False, classes=10, public_classes=200)}
 SPLITS = {"private": (0, 55000), "val": (55000, 60000)}
+# Where each classifier's figures go in a row: the SmallCNN keeps the field names rows always had.
+FIELDS = {"smallcnn": "", "resnet": "_resnet"}
 
 
 def prepare(work: Path) -> dict[str, Path]:
@@ -143,24 +146,45 @@ def run(args) -> dict:
     t1 = time.time()
     synth = runs.sample(result.run, args.synthetic, work / "synth" / tag, seed=0)
     times["sample_s"] = time.time() - t1
-    t2 = time.time()
     sx, sy = _tensors(synth, ds)
-    vx, vy = _tensors(folders["val"], ds)
-    tx, ty = _tensors(folders["test"], ds)
-    clf = ClassifierConfig()
-    model, curve = train_classifier(sx, sy, vx, vy, classes=10, config=clf)
-    times["classifier_s"] = time.time() - t2
+    scores = classify(args.classifier, (sx, sy),
+                      *(_tensors(folders[k], ds) for k in ("val", "test")))
     row = {"dataset": ds, "method": args.method, "epsilon": result.certificate["epsilon"]["spent"],
            "epsilon_target": args.epsilon, "delta": result.certificate["delta"],
            "accountant": result.certificate["accountant"], "device": recipe.run.device,
-           "accuracy": accuracy(model, tx, ty), "val_curve": curve, "classifier": clf.to_dict(),
-           "synthetic": args.synthetic, **times,
+           **scores, "synthetic": args.synthetic, **times,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "recipe": args.recipe, "overrides": args.overrides, "commit": _commit(),
            "resolved": recipe.to_dict(), "chosen": sorted(result.chosen or {}),
            "run": str(result.run), "load_1min": os.getloadavg()[0]}
     _append(Path(args.results), row)
     return row
+
+
+def classify(which: str, train: tuple, val: tuple, test: tuple) -> dict:
+    """Train the classifier(s) `which` names ("smallcnn", "resnet" or "both") on `train`, each
+    epoch chosen on `val`, and score `test` once: the row's accuracy, val_curve, classifier and
+    classifier_s fields (the ResNet's with the suffix _resnet)."""
+    fields = {}
+    for name in FIELDS if which == "both" else (which,):
+        t0, config = time.time(), preset(name, train[0].shape[1])
+        model, curve = train_classifier(*train, *val, classes=10, config=config,
+                                        progress=_epochs(name))
+        fields |= {f"accuracy{FIELDS[name]}": accuracy(model, *test),
+                   f"val_curve{FIELDS[name]}": curve, f"classifier{FIELDS[name]}": config.to_dict(),
+                   f"classifier{FIELDS[name]}_s": time.time() - t0}
+    return fields
+
+
+def _epochs(name: str) -> Callable[[str, int, int], None]:
+    """A progress callback printing each epoch's validation accuracy and the time since now."""
+    t0 = time.time()
+    return lambda what, done, total: print(f"[{time.time() - t0:6.0f}s] {name} {what} {done}/"
+                                           f"{total}", flush=True)
+
+
+def _percent(row: dict, field: str) -> str:
+    return f"{100 * row[field]:.2f}" if field in row else "-"
 
 
 def append_row(folder: Path, name: str, row: dict, columns: list[str], cells: list[str]) -> None:
@@ -179,9 +203,10 @@ def append_row(folder: Path, name: str, row: dict, columns: list[str], cells: li
 def _append(folder: Path, row: dict) -> None:
     eps = "no privacy" if math.isinf(row["epsilon"]) else f"{row['epsilon']:.3g}"
     append_row(folder, "results", row,
-               ["dataset", "method", "eps", "delta", "accountant", "device", "accuracy %", "fit s",
-                "sample s", "peak RSS MB", "commit", "overrides"],
+               ["dataset", "method", "eps", "delta", "accountant", "device", "SmallCNN %",
+                "ResNet %", "fit s", "sample s", "peak RSS MB", "commit", "overrides"],
                [row["dataset"], row["method"], eps, f"{row['delta']:.2e}", row["accountant"],
-                row["device"], f"{100 * row['accuracy']:.2f}", f"{row['fit_s']:.0f}",
+                row["device"], _percent(row, "accuracy"), _percent(row, "accuracy_resnet"),
+                f"{row['fit_s']:.0f}",
                 f"{row['sample_s']:.0f}", f"{row['peak_rss_mb']:.0f}", row["commit"],
                 " ".join(row["overrides"])])

@@ -1,0 +1,72 @@
+"""The bench with two downstream classifiers: a row carries the SmallCNN's figures (as rows always
+have) and the ResNet's (`_resnet`), RESULTS.md shows both columns, the chart draws both."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bench import chart, mnist
+from privsynth import downstream
+
+
+def _digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = (torch.rand(n, 1, 28, 28, generator=g) * 40).to(torch.uint8)
+    for i, label in enumerate(y.tolist()):
+        x[i, 0, 2 + 2 * label:5 + 2 * label, 6:22] = 255
+    return x, y
+
+
+def test_a_bench_row_carries_both_classifiers_and_the_table_both_columns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mnist, "preset", lambda name, channels: replace(  # 1 epoch, 4 channels
+        downstream.preset(name, channels), epochs=1, width=4))
+    scores = mnist.classify("both", _digits(64, 0), _digits(32, 1), _digits(32, 2))
+    assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["accuracy_resnet"] <= 1
+    assert scores["classifier"]["model"] == "smallcnn" and scores["classifier"]["lr"] == 1e-3
+    assert scores["classifier_resnet"]["model"] == "resnet"
+    assert scores["classifier_resnet"]["crop_pad"] == 2 and len(scores["val_curve_resnet"]) == 1
+    only = mnist.classify("smallcnn", _digits(32, 0), _digits(16, 1), _digits(16, 2))
+    assert "accuracy" in only and not any(k.endswith("resnet") for k in only)
+    base = {"dataset": "mnist", "method": "dp-mepf", "epsilon": 10.0, "delta": 1e-6,
+            "accountant": "prv", "device": "cpu", "fit_s": 1.0, "sample_s": 2.0,
+            "peak_rss_mb": 3.0, "commit": "abc", "overrides": []}
+    mnist._append(tmp_path, {**base, **scores})
+    mnist._append(tmp_path, {**base, "accuracy": 0.5})
+    header, _, both, old = (line.split(" | ") for line in
+                            (tmp_path / "RESULTS.md").read_text().splitlines())
+    at = header.index("SmallCNN %"), header.index("ResNet %")
+    assert [both[i] for i in at] == [f"{100 * scores['accuracy']:.2f}",
+                                     f"{100 * scores['accuracy_resnet']:.2f}"]
+    assert [old[i] for i in at] == ["50.00", "-"]
+
+
+def _row(method: str, eps: float, **fields: float) -> dict:
+    return {"dataset": "mnist", "method": method, "epsilon_target": eps, "recipe": None,
+            "overrides": [], **fields}
+
+
+def test_the_chart_draws_each_classifier_from_the_rows_that_have_it(tmp_path: Path) -> None:
+    ceiling = "real data (ceiling)"
+    rows = [_row(ceiling, float("inf"), accuracy=0.986),
+            _row(ceiling, float("inf"), accuracy_resnet=0.994),
+            _row("dp-mepf", 10.0, accuracy=0.90, accuracy_resnet=0.91),
+            _row("dp-mepf", 10.0, accuracy=0.95, accuracy_resnet=0.96),  # newer: replaces it
+            _row("dp-mepf", 1.0, accuracy=0.92, accuracy_resnet=0.93),
+            _row("dp-mepf", 1.0, accuracy=0.94),  # newer, SmallCNN only: no ResNet point at 1
+            _row("privimage", 10.0, accuracy=0.93)]
+    assert chart.latest(rows, "mnist") == ({"dp-mepf": {10.0: 95.0, 1.0: 94.0},
+                                            "privimage": {10.0: 93.0}}, 98.6)
+    assert chart.latest(rows, "mnist", "accuracy_resnet") == ({"dp-mepf": {10.0: 96.0}}, 99.4)
+    colours = {}
+    for name, keep in (("both", rows), ("smallcnn", [r for r in rows if "accuracy" in r])):
+        out = chart.draw(keep, "mnist", tmp_path / f"{name}.png")
+        colours[name] = {c for _, c in Image.open(out).convert("RGB").getcolors(1 << 20)}
+    resnet_ceiling = chart.CLASSIFIERS["ResNet"][3]
+    assert resnet_ceiling in colours["both"] and resnet_ceiling not in colours["smallcnn"]
+    assert chart.CLASSIFIERS["SmallCNN"][3] in colours["smallcnn"]
