@@ -298,7 +298,10 @@ DRAFTED = ["--set", "privacy.accountant=rdp", "--set", "privimage.width=8", "--s
            "privimage.query_epochs=1", "--set", "privimage.sample_steps=2", "--set",
            "privimage.strength=0.2", "--set", "privimage.dpmepf.steps=3", "--set",
            "privimage.dpmepf.split_bits=0", "--set", "privimage.dpmepf.judge=false", "--set",
-           "privimage.dpmepf.scatter_judge=false", "--set", "privimage.dpmepf.unbiased=false"]
+           "privimage.dpmepf.scatter_judge=false", "--set", "privimage.dpmepf.unbiased=false",
+           # the Config class values this was written for, not the defaults (test_defaults)
+           "--set", "privimage.dpmepf.batch_per_class=10", "--set", "privimage.dpmepf.lr=0.001",
+           "--set", "features.grid=1"]
 
 
 def test_drafts_are_charged_with_the_other_stages_and_sampling_starts_from_them(
