@@ -359,9 +359,42 @@ def test_no_progress_lines_on_a_terminal(monkeypatch) -> None:
     assert not bars.lines and not bars.progress.disable
 
 
+def test_sigterm_in_process_exits_143_with_the_resume_hint(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM during training (sent to this process): the handler stops the fit as on Ctrl-C,
+    exit 143 with the resume hint; `resume` then finishes without spending again. The same with
+    a real `kill` of a separate process is the slow test below."""
+    from conftest import make_folder
+    from privsynth.generators import dpmepf
+
+    private = make_folder(tmp_path / "p", per_class=4)
+    out, book = tmp_path / "run", tmp_path / "ledger"
+    train = dpmepf.Generator.train
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+        raise AssertionError("SIGTERM did not stop the fit")
+
+    monkeypatch.setattr(dpmepf.Generator, "train", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    cut = runner.invoke(app, ["fit", str(private), "--method", "dp-mepf", "--epsilon", "3",
+                              "--out", str(out), "--ledger", str(book), *TINY])
+    assert signal.getsignal(signal.SIGTERM) == before  # the fit's handler is gone again
+    assert cut.exit_code == 143, cut.output
+    assert f"privsynth resume {out}" in cut.stderr and "terminated" in cut.stderr
+    assert not out.exists() and (run.work_folder(out) / run.FIT_STATE).is_file()
+    monkeypatch.setattr(dpmepf.Generator, "train", train)
+    done = runner.invoke(app, ["resume", str(out), "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["epsilon"] <= 3.0 and (out / "model").is_dir()
+    (entry,) = json.loads(next(book.glob("*.json")).read_text())["entries"]  # spent once
+    assert entry["status"] == "completed"
+
+
+@pytest.mark.slow
 def test_sigterm_says_how_to_resume_and_resume_finishes(tmp_path: Path) -> None:
-    """`kill PID` (SIGTERM) during training: the fit stops as on Ctrl-C, says how to resume, and
-    `privsynth resume RUN` finishes it without spending again."""
+    """`kill PID` (SIGTERM) of a separate fitting process: the fit stops as on Ctrl-C, says how
+    to resume, and `privsynth resume RUN` finishes it without spending again."""
     from conftest import make_folder
 
     private = make_folder(tmp_path / "p", per_class=4)
@@ -401,8 +434,10 @@ def test_sigterm_says_how_to_resume_and_resume_finishes(tmp_path: Path) -> None:
     assert entry["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_subprocess_end_to_end(tmp_path: Path) -> None:
-    """The installed entry point, as a shell pipeline would call it: JSON on stdout, codes."""
+    """The installed entry point, as a shell pipeline would call it: JSON on stdout, codes.
+    (`python -m privsynth` itself runs in the default tests below; the fit in-process above.)"""
     from conftest import make_folder
 
     private = make_folder(tmp_path / "p", per_class=6)

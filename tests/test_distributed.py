@@ -337,6 +337,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # torchrun's agent and 2 fresh processes; the ranks' logic runs above (spawned)
 def test_torchrun_fit_certifies_what_one_process_certifies(tmp_path: Path) -> None:
     from conftest import make_folder
     from typer.testing import CliRunner

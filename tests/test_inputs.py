@@ -1,5 +1,6 @@
 """The input zoo: every kind of messy file a private folder holds, each converted by a documented
-rule or rejected with a reason (RELIABILITY.md E). The zoo is generated here, never stored."""
+rule or rejected with a reason (docs/RELIABILITY.md section E). The zoo is generated here, never
+stored."""
 from __future__ import annotations
 
 import io

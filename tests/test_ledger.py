@@ -306,6 +306,7 @@ def test_a_fit_refused_for_its_epsilon_writes_no_ledger_id(private, book_dir, tm
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # a real SIGKILL of a separate process; in-process: a_fit_that_fails_after_charging
 def test_kill_9_after_charging_leaves_the_spend_on_the_record(private, book_dir, tmp_path):
     """A real SIGKILL while the generator trains (after the release): the ledger still holds the
     fit's charges, counted once, and the run folder does not exist."""

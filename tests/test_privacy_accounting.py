@@ -1,5 +1,5 @@
 """privacy.accounting: golden values, an independent cross-check against Google's dp_accounting
-(PLD, pessimistic), the exact Gaussian mechanism, and the edge cases (RELIABILITY.md section B).
+(PLD, pessimistic), the exact Gaussian mechanism, and the edge cases (docs/RELIABILITY.md section B).
 
 `epsilon` is an upper bound on the true epsilon. Google's PLD accountant (pessimistic
 discretisation) is an independent, tight upper bound, so ours must never be below it (beyond
@@ -59,7 +59,7 @@ def _gaussian_exact(mu: float, delta: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# golden values (opacus' own, RELIABILITY.md B)
+# golden values (opacus' own, docs/RELIABILITY.md B)
 
 GOLDEN = [(1.5, 0.04, 2250)]
 

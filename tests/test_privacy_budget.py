@@ -1,5 +1,5 @@
 """privacy.budget: calibration never overshoots (property test), multi-stage budgets, and charging
-refuses to overspend and persists before recording (RELIABILITY.md section B)."""
+refuses to overspend and persists before recording (docs/RELIABILITY.md section B)."""
 from __future__ import annotations
 
 import math

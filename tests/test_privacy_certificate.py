@@ -132,7 +132,7 @@ def test_replace_one_is_two_add_remove_steps():
 
 
 # ---------------------------------------------------------------------------------------------
-# the known-answer PRV value (RELIABILITY.md B: sigma=1.5, q=0.04, T=2250, delta=1e-5)
+# the known-answer PRV value (docs/RELIABILITY.md B: sigma=1.5, q=0.04, T=2250, delta=1e-5)
 
 OPACUS_PUBLISHED = 6.7774  # opacus' published PRV value for this history
 OURS_PINNED = 6.7911  # ours: opacus' PRV with eps_error = 0.3% of RDP (0.022 here)

@@ -1,7 +1,7 @@
 """privacy.mechanisms: GaussianSum spends only what was charged, clips every row to the declared
 sensitivity, releases once, rejects non-finite statistics; noise comes from OS entropy; and an
 empirical audit on worst-case neighbours stays under the certified epsilon while catching a 2x bug
-(RELIABILITY.md sections A and C)."""
+(docs/RELIABILITY.md sections A and C)."""
 from __future__ import annotations
 
 import math

@@ -81,6 +81,7 @@ def test_interrupted_fit_resumes_without_spending_again(tmp_path: Path, monkeypa
     assert mixed.exit_code == 2 and "--epsilon" in mixed.output
 
 
+@pytest.mark.slow  # a real SIGKILL of a separate process; in-process: the test above
 def test_kill_9_during_training_then_resume(tmp_path: Path) -> None:
     private = make_folder(tmp_path / "p", per_class=4)
     out, ledger = tmp_path / "run", tmp_path / "ledger"
@@ -127,6 +128,7 @@ def _charged(out: Path) -> bool:
     return bool(doc["charges"])
 
 
+@pytest.mark.slow  # 4 x (a fit, a killed fit in a subprocess, a resume in another)
 @pytest.mark.parametrize("point", ["charged", "released", "training", "random"])
 def test_kill_9_at_any_point_never_under_counts(point: str, tmp_path: Path) -> None:
     """Kill the fitting process at one of several points (or at a random moment); whatever stage
@@ -272,6 +274,7 @@ def test_privimage_resumes_with_the_steps_left_and_never_releases_twice(
     assert not work.exists()
 
 
+@pytest.mark.slow  # a real SIGKILL mid DP-SGD; in-process: the test above
 def test_privimage_kill_9_during_dpsgd_then_resume(demo_slice, privimage_reference,
                                                     tmp_path: Path) -> None:
     out, ledger = tmp_path / "run", tmp_path / "ledger"
