@@ -199,6 +199,7 @@ RESNET20 = Path(__file__).resolve().parents[2] / "shared" / "data" / "resnet_cif
 FOOLBOX = RESNET20.parents[1] / "foolbox_samples.zip"
 
 
+@pytest.mark.slow  # a real checkpoint and real images, from ../shared/data when present
 @pytest.mark.skipif(not RESNET20.is_file(), reason="needs ../shared/data/resnet_cifar10")
 def test_cifar_resnet_encoder_loads_the_real_network() -> None:
     """Our ResNet-20 with the checkpoint's own linear head classifies CIFAR-10 test images as the

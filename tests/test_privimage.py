@@ -248,6 +248,7 @@ def test_imagenet_query_refuses_non_imagenet_public_classes() -> None:
         semantic.ImageNetQuery(("n01443537", "circle"))
 
 
+@pytest.mark.slow  # real public images, from ../shared/data when present
 @pytest.mark.skipif(not TINY_IMAGENET.is_file(), reason="needs ../shared/data (Tiny-ImageNet)")
 def test_imagenet_query_recognises_real_public_images() -> None:
     """The pretrained head restricted to 20 Tiny-ImageNet classes labels their validation images
