@@ -256,7 +256,7 @@ def test_fit_sample_evaluate_in_two_processes_write_what_one_process_writes(spaw
                                    batch_size=8)
     manifest = (tmp / "syn" / "MANIFEST.sha256").read_text()
     assert manifest == (tmp / "syn1" / "MANIFEST.sha256").read_text()  # the same 260 files
-    assert len(manifest.splitlines()) == 260 + 3  # images, metadata, certificate, card
+    assert len(manifest.splitlines()) == 260 + 4  # images, metadata, classes, certificate, card
     got, want = zero["report"]["runs"][0], report["runs"][0]
     for key in ("fid", "kid", "precision", "recall"):  # the same features: the same numbers
         assert got[key] == want[key]
