@@ -730,10 +730,11 @@ def audit_(
           f"audit of {result['method']}{' (no-noise control)' if control == 'no-noise' else ''}: "
           f"certified epsilon={result['certified_epsilon']:.4g} (delta {result['delta']:.3g}), "
           f"empirical lower bound {result['epsilon_lower_bound']:.4g} at 95% confidence "
-          f"[{result['verdict']}]\n"
+          f"(ceiling {result['ceiling']:.3g}) [{result['verdict']}]\n"
           f"  guesses: {g.get('k_in', 0)} in ({g.get('correct_in', 0)} right), {g.get('k_out', 0)} "
           f"out ({g.get('correct_out', 0)} right); score: {result['score']}; "
-          f"{result['canaries']} canaries, {result['included']} included; fit {result['fit_seconds']:.0f} s"
+          f"{result['canaries']} canaries, {result['included']} included; "
+          f"fit {result['fit_seconds']:.0f} s"
           + (f"\n  report: {out / 'AUDIT.md'}" if out else ""))
     if result["verdict"] == "VIOLATION":
         raise VerificationError(f"the lower bound {result['epsilon_lower_bound']:.4g} exceeds the "

@@ -188,3 +188,25 @@ def test_bench_audit_appends_a_row_at_tiny_scale(tmp_path: Path) -> None:
     row = json.loads((tmp_path / "results" / "audit.jsonl").read_text())
     assert row["canaries"] == 32 and row["epsilon_lower_bound"] <= row["certified_epsilon"]
     assert len(list((tmp_path / "work" / "audits").glob("*/AUDIT.md"))) == 1
+
+
+def test_a_bound_above_the_certificate_exits_6(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's verdict line, and exit 6 (with the numbers) when the bound exceeds the
+    certified epsilon: here a fit certified at 0.5 whose 64 canaries are all given away."""
+    import privsynth.audit as audits
+
+    included = np.array([True, False] * 32)
+    cert = {"delta": 1e-6, "epsilon": {"spent": 0.5}}
+    rec = recipes.resolve({"method": "dp-mepf"})
+    caught = audits._result(rec, cert, {"releases": included * 1.0}, included, "none", 1.0, 2.0)
+    monkeypatch.setattr(audits, "audit", lambda *a, **k: caught)
+    res = runner.invoke(app, ["audit", "somewhere", "--method", "dp-mepf", "--epsilon", "0.5"])
+    assert res.exit_code == 6, res.output
+    assert "lower bound 2.717 at 95% confidence (ceiling 2.72) [VIOLATION]" in res.output
+    assert "guesses: 32 in (32 right), 32 out (32 right)" in res.output
+    assert "exceeds the certified epsilon 0.5" in res.output
+    fine = audits._result(rec, dict(cert, epsilon={"spent": 5.0}), {"releases": included * 1.0},
+                          included, "none", 1.0, 2.0)
+    monkeypatch.setattr(audits, "audit", lambda *a, **k: fine)
+    res = runner.invoke(app, ["audit", "somewhere", "--method", "dp-mepf", "--epsilon", "5"])
+    assert res.exit_code == 0 and "[consistent]" in res.output
