@@ -98,6 +98,8 @@ def test_a_split_fit_certifies_the_centre_and_samples_by_class(fitted: Path, tmp
     assert sum(len(list((out / c).glob("*.png"))) for c in classes) == 12
 
 
+@pytest.mark.slow  # 14 CPU s, the default run's costliest; a judged fit's charges, saved judges
+# and filtered sampling stay in the default run (test_dpmepf: a judged fit charges the judges)
 def test_a_judged_fit_certifies_the_filter_and_samples_through_it(fitted: Path,
                                                                   tmp_path: Path) -> None:
     run, out = tmp_path / "judged", tmp_path / "data"
