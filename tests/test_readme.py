@@ -138,7 +138,7 @@ def _tiny_demo(root: Path) -> None:
     from conftest import make_folder
 
     make_folder(root / "assets" / "demo" / "private", per_class=12)
-    make_folder(root / "assets" / "demo" / "real-test", per_class=8, seed=1)
+    make_folder(root / "assets" / "demo" / "real-test", per_class=4, seed=1)
     make_folder(root / "assets" / "demo" / "public", per_class=4, classes=("a", "b"), seed=2)
     (root / "recipes").mkdir()
     for recipe in (ROOT / "recipes").glob("demo-*.toml"):
