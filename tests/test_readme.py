@@ -242,7 +242,8 @@ def test_the_readme_names_what_the_run_and_dataset_folders_hold(
                         ("model/generator.safetensors", "generator.safetensors")):
         assert (run / name).exists(), name
         assert f"`{shown or name}`" in text, name
-    for name in ("metadata.jsonl", "README.md", "certificate.json", "MANIFEST.sha256"):
+    for name in ("metadata.jsonl", "classes.json", "README.md", "certificate.json",
+                 "MANIFEST.sha256"):
         assert (synth / name).is_file(), name
         assert f"`{name}`" in text, name
     assert not [p for p in run.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".pickle")]
