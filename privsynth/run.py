@@ -94,8 +94,8 @@ def fit(private_dir: Path, public: Path | None, recipe: Recipe | dict, out: Path
     on rank 0 alone. Only rank 0 touches the ledger and `out`; the other ranks return None.
     """
     request, raw = recipe, (recipe if isinstance(recipe, dict) else None)
-    if raw is not None:  # checked now; the defaults complete it in _begin (privimage.draft,
-        recipe = resolve(raw)  # which decides data_parallel, keeps its class default there)
+    if raw is not None:  # checked now; the defaults complete it in _begin (the generator
+        recipe = resolve(raw)  # setting that decides data_parallel keeps its class default there)
     module = method(recipe.method)
     if not module.data_parallel(recipe.generator) and distributed.world() > 1:
         return _alone(lambda: fit(private_dir, public, request, out, progress=progress,
