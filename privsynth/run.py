@@ -30,6 +30,7 @@ from privsynth.generators import method
 from privsynth.generators.base import Method
 from privsynth.privacy import Budget, Charge, NoiseSource
 from privsynth.privacy import ledger as ledgers
+from privsynth.privacy import mechanisms
 from privsynth.privacy import units as privacy_units
 from privsynth.progress import Progress
 from privsynth.recipe import Recipe, from_dict, resolve
@@ -136,6 +137,7 @@ def _begin(private_dir: Path, public: Path | None, recipe: Recipe, out: Path, mo
     """The checks before a fit (rank 0): inputs, `out`, the ledger; the fit-state document; with
     `raw`, the recipe completed by the defaults for the listed folder (header facts only).
     Nothing is written (not even PRIVATE's ledger id file) before the request is checked."""
+    mechanisms.check_noise_on()  # library callers too: refused before anything is charged
     if not recipe.privacy.epsilon > 0:
         raise UsageError(_NO_EPSILON)
     if public is not None and not Path(public).exists():

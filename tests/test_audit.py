@@ -111,6 +111,7 @@ def test_noise_off_is_refused_outside_an_audit(tmp_path: Path) -> None:
         with pytest.raises(BudgetError, match="noise is switched off"):
             run.fit(private, None, rec, tmp_path / "run2", dataset="refused")
         assert not (tmp_path / "run2").exists()
+        assert sorted(ledger.rglob("*")) == before  # a library call is refused before charging
         with pytest.raises(BudgetError):
             NoiseSource()
         with mechanisms.audit_scope():
