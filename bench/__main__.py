@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="downstream classifier(s) trained on the synthetic images: the "
                           "SmallCNN (field accuracy, ~5 min on 60k images on 2 cores) and the "
                           "ResNet (accuracy_resnet, ~15 min) [default: both]")
+    run.add_argument("--note", dest="notes", action="append", default=[],
+                     help="words for the row's notes, e.g. how loaded the machine was")
     run.add_argument("--work", default="bench-work", help="folder for data, runs and reports")
     run.add_argument("--results", default="benchmarks", help="folder holding RESULTS.md/results.jsonl")
     cost = sub.add_parser("cost", help="DP-SGD step time / plain step time on the privimage UNet")

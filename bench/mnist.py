@@ -156,7 +156,8 @@ def run(args) -> dict:
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "recipe": args.recipe, "overrides": args.overrides, "commit": _commit(),
            "resolved": recipe.to_dict(), "chosen": sorted(result.chosen or {}),
-           "run": str(result.run), "load_1min": os.getloadavg()[0]}
+           "run": str(result.run), "load_1min": os.getloadavg()[0],
+           "note": "; ".join(args.notes)}
     _append(Path(args.results), row)
     return row
 
@@ -204,9 +205,9 @@ def _append(folder: Path, row: dict) -> None:
     eps = "no privacy" if math.isinf(row["epsilon"]) else f"{row['epsilon']:.3g}"
     append_row(folder, "results", row,
                ["dataset", "method", "eps", "delta", "accountant", "device", "SmallCNN %",
-                "ResNet %", "fit s", "sample s", "peak RSS MB", "commit", "overrides"],
+                "ResNet %", "fit s", "sample s", "peak RSS MB", "commit", "overrides and notes"],
                [row["dataset"], row["method"], eps, f"{row['delta']:.2e}", row["accountant"],
                 row["device"], _percent(row, "accuracy"), _percent(row, "accuracy_resnet"),
                 f"{row['fit_s']:.0f}",
                 f"{row['sample_s']:.0f}", f"{row['peak_rss_mb']:.0f}", row["commit"],
-                " ".join(row["overrides"])])
+                ": ".join(x for x in (" ".join(row["overrides"]), row.get("note", "")) if x)])
