@@ -37,7 +37,7 @@ def one(args: argparse.Namespace, method: str, epsilon: float, control: str, pri
         public: Path | None) -> dict:
     """Audit one (method, epsilon, control) and append its row."""
     raw = request(method, epsilon, args.recipe, args.overrides)  # what `bench run` fits
-    tag = f"{method}-eps{epsilon:g}-{control}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tag = f"{method}-eps{epsilon:g}-{control}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     last = [0.0]
 
     def progress(what: str, done: int, total: int) -> None:

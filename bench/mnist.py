@@ -129,7 +129,7 @@ def run(args) -> dict:
     work = Path(args.work)
     ds = args.dataset
     folders = prepare_dataset(ds, work)
-    tag = f"{ds}-{args.method}-eps{args.epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tag = f"{ds}-{args.method}-eps{args.epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     raw = request(args.method, args.epsilon, args.recipe, args.overrides)
     times, t0 = {}, time.time()
     last = [0.0]
