@@ -429,7 +429,7 @@ def sample(
     n: Annotated[int, typer.Option("--count", "-n", metavar="N", show_default=False,
                                    help="Number of images to write.")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FOLDER", show_default=False,
-                                      help="New dataset folder (never overwritten).")],
+                                      help="New dataset folder (see --overwrite).")],
     seed: Annotated[int, typer.Option(metavar="SEED", help="Seed for latents and labels (public "
                                                          "randomness).")] = 0,
     balanced: Annotated[bool, typer.Option(help="Equal images per class instead of the noisy "
@@ -437,6 +437,9 @@ def sample(
     device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Torch device for "
                                                   "sampling (default: the run's device if "
                                                   "present, else cpu).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace FOLDER if it is a "
+                                            "dataset folder written by `sample` (once the new "
+                                            "one is complete); other folders are refused.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Write N synthetic images from a fitted run (no privacy cost): PNGs in class folders,
@@ -444,7 +447,8 @@ def sample(
     from privsynth import distributed, run
 
     with distributed.session():
-        path = run.sample(run_dir, n, out, seed=seed, balanced=balanced, device=device)
+        path = run.sample(run_dir, n, out, seed=seed, balanced=balanced, device=device,
+                          overwrite=overwrite)
     if path is None:  # a torchrun process other than rank 0: rank 0 writes and reports
         return
     _emit({"dataset": str(path), "images": n, "manifest": str(path / "MANIFEST.sha256")},

@@ -57,17 +57,19 @@ def write_dataset(
     *,
     certificate: dict,
     card: dict,
+    replace: bool = False,
 ) -> Path:
     """Write images, metadata, class list, certificate, card and manifest to a new folder `out`;
-    return it."""
+    return it. `replace`: `out` may also be a dataset folder written here before (see
+    `is_dataset`); it is swapped for the new one only once the new one is complete."""
     out = Path(out)
     pixels, label_list = _check_arrays(images, labels, len(classes))
     classes = _check_classes(classes)
-    _check_target(out)
+    _check_target(out, replace)
     cert_text = json.dumps(certificate, indent=2, sort_keys=True, allow_nan=False) + "\n"
     card_text = render_card(card, classes, np.bincount(label_list, minlength=len(classes)))
     classes_text = json.dumps(list(classes), ensure_ascii=False) + "\n"
-    with atomic_folder(out) as partial:
+    with atomic_folder(out, replace=replace) as partial:
         digests = _write_images(partial, pixels, label_list, classes)
         for name, text in ((CLASSES, classes_text), (CERTIFICATE, cert_text), (CARD, card_text)):
             digests[name] = _write_bytes(partial / name, text.encode("utf-8"))
@@ -76,20 +78,42 @@ def write_dataset(
 
 
 @contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
+def atomic_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a new hidden sibling of `out` to fill; rename it to `out` when the block succeeds,
-    delete it when it fails. `out` must not exist or be an empty folder (never overwritten)."""
+    delete it when it fails. `out` must not exist or be an empty folder (never overwritten), or,
+    with `replace`, be a dataset folder (`is_dataset`): that one is moved aside and deleted only
+    after the new folder is complete."""
     out = Path(out)
-    _check_target(out)
+    _check_target(out, replace)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     partial.mkdir()  # a plain mkdir, not mkdtemp, so the folder gets the user's umask, not 0700
     try:
         yield partial
-        _publish(partial, out)
+        _check_target(out, replace)  # still what it was checked to be
+        old = None
+        if replace and out.is_dir() and any(out.iterdir()):
+            old = out.parent / f".{out.name}.replaced-{secrets.token_hex(4)}"
+            out.rename(old)
+        try:
+            _publish(partial, out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)  # put the previous dataset back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def is_dataset(folder: Path) -> bool:
+    """Whether `folder` looks like a dataset folder `write_dataset` wrote: its manifest,
+    metadata, class list and certificate are there (what `--overwrite` may replace)."""
+    folder = Path(folder)
+    return not folder.is_symlink() and all(
+        (folder / name).is_file() for name in (MANIFEST, METADATA, CLASSES, CERTIFICATE))
 
 
 def verify_manifest(folder: Path) -> list[str]:
@@ -204,9 +228,10 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
     return tuple(classes)
 
 
-def check_new(out: Path) -> None:
-    """UsageError unless `out` is absent or an empty folder (outputs are never overwritten)."""
-    _check_target(Path(out))
+def check_new(out: Path, *, replace: bool = False) -> None:
+    """UsageError unless `out` is absent or an empty folder (outputs are never overwritten), or,
+    with `replace`, a dataset folder (`is_dataset`)."""
+    _check_target(Path(out), replace)
 
 
 def move_into_place(folder: Path, out: Path) -> None:
@@ -215,12 +240,17 @@ def move_into_place(folder: Path, out: Path) -> None:
     _publish(Path(folder), Path(out))
 
 
-def _check_target(out: Path) -> None:
+def _check_target(out: Path, replace: bool = False) -> None:
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UsageError(f"{out} already exists and is not a folder; refusing to overwrite it")
     if out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"{out} already exists and is not empty; refusing to overwrite it "
-                         "(choose a new --out)")
+        if not replace:
+            raise UsageError(f"{out} already exists and is not empty; refusing to overwrite it "
+                             "(choose a new --out)")
+        if not is_dataset(out):
+            raise UsageError(f"{out} is not a dataset folder written by `privsynth sample` (no "
+                             f"{MANIFEST}, {METADATA}, {CLASSES} and {CERTIFICATE}); --overwrite "
+                             "replaces only those")
 
 
 def _write_bytes(path: Path, data: bytes) -> str:

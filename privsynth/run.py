@@ -356,15 +356,17 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = False,
-           device: str | None = None) -> Path | None:
+           device: str | None = None, overwrite: bool = False) -> Path | None:
     """Write `n` synthetic images from a run as a dataset folder (no privacy cost); the model runs
     on `device` (default: the run's `run.device` when it is available, else the CPU).
+    `overwrite`: `out` may be a dataset folder written before; it is replaced once the new one
+    is complete (any other non-empty folder is refused).
 
     Under torchrun each rank draws its share of the sample (whole chunks, each from its own
     seeded stream: see the samplers) on its own device and rank 0 writes them in order, so the
     dataset is the one a single process writes for the same seed; the other ranks return None."""
     run = Path(run)
-    distributed.on_main(_check_sample, run, n, Path(out))
+    distributed.on_main(_check_sample, run, n, Path(out), overwrite)
     cert = certificate.load(run)
     recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
                         if k not in ("public", "chosen")})
@@ -381,7 +383,7 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
             "run": run.name, "seed": seed, "images": n}
     card.update(sampler.card(counted=distributed.world() == 1))  # e.g. label filters used
     return publish.write_dataset(Path(out), images, labels, sampler.classes,
-                                 certificate=cert, card=card)
+                                 certificate=cert, card=card, replace=overwrite)
 
 
 def _device(name: str, *, explicit: bool) -> str:
@@ -394,10 +396,11 @@ def _device(name: str, *, explicit: bool) -> str:
     return name
 
 
-def _check_sample(run: Path, n: int, out: Path) -> None:
-    """UsageError before any sampling: not a run folder, n < 1, or `out` already used."""
+def _check_sample(run: Path, n: int, out: Path, overwrite: bool = False) -> None:
+    """UsageError before any sampling: not a run folder, n < 1, or `out` already used (unless
+    `overwrite` and `out` is a dataset folder)."""
     if not (run / "model" / "config.json").is_file():
         raise UsageError(f"{run} is not a privsynth run folder (no model/config.json)")
     if n < 1:
         raise UsageError(f"-n must be >= 1, got {n}")
-    publish.check_new(out)
+    publish.check_new(out, replace=overwrite)

@@ -162,6 +162,25 @@ def test_sample_verify_and_tamper(fitted: Path) -> None:
     assert bad.exit_code == 6 and "FAILED" in bad.output
 
 
+def test_sample_overwrite_replaces_only_a_dataset_folder(fitted: Path, tmp_path: Path) -> None:
+    out, other = tmp_path / "synth", tmp_path / "notes"
+    run_dir = str(fitted / "run")
+    first = runner.invoke(app, ["sample", run_dir, "-n", "6", "--out", str(out), "--seed", "1"])
+    assert first.exit_code == 0, first.output
+    (out / "stale.txt").write_text("a file the new dataset does not have")
+    again = runner.invoke(app, ["sample", run_dir, "-n", "9", "--out", str(out), "--seed", "2",
+                                "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert len(list(out.rglob("*.png"))) == 9 and not (out / "stale.txt").exists()
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or old copy
+    other.mkdir()
+    (other / "keep.txt").write_text("not a dataset")
+    refused = runner.invoke(app, ["sample", run_dir, "-n", "3", "--out", str(other), "--overwrite"])
+    assert refused.exit_code == 2 and "not a dataset folder" in refused.output
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
 def test_verify_run_catches_a_changed_weight_file(fitted: Path, tmp_path: Path) -> None:
     import shutil
 
