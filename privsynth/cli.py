@@ -154,7 +154,7 @@ Examples:\n
 
   privsynth resume runs/x1   (finish a fit cut short by Ctrl-C, SIGTERM, a crash or kill -9)
 
-  torchrun --standalone --nproc-per-node 4 -m privsynth fit ... --method privimage --device cuda   (data-parallel, one GPU per process: README "Scaling out")
+  torchrun --standalone --nproc-per-node 4 -m privsynth fit ... --method privimage --device cuda   (data-parallel, one GPU per process: docs/distributed.md)
 """
 
 

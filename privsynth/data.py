@@ -1,7 +1,7 @@
 """Read image folders (ImageFolder, flat, Hugging Face imagefolder) and convert them by fixed rules.
 
 Every entry under the root is either accepted or rejected with a reason (accepted + rejected =
-entries seen); `rejects.jsonl` in a run folder lists the rejects. The rules, also in the README:
+entries seen); `owner/rejects.jsonl` in a run folder lists the rejects. The rules, also in docs/inputs.md:
 
 Layouts, checked in this order:
 1. `metadata.jsonl` at the root: Hugging Face imagefolder; `file_name` per row, the label from a
