@@ -22,7 +22,7 @@ from privsynth.audit import audit
 
 COLUMNS = ["method", "control", "certified eps", "delta", "canaries", "lower bound", "ceiling",
            "verdict", "correct / guesses", "score", "fit s", "audit s", "threads", "commit",
-           "overrides"]
+           "overrides and notes"]
 
 
 def plan(methods: list[str], epsilons: list[float], control_epsilon: float | None) -> list[tuple]:
