@@ -90,9 +90,9 @@ def atomic_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
     partial.mkdir()  # a plain mkdir, not mkdtemp, so the folder gets the user's umask, not 0700
     try:
         yield partial
-        _check_target(out, replace)  # still what it was checked to be
         old = None
         if replace and out.is_dir() and any(out.iterdir()):
+            _check_target(out, replace)  # still a dataset folder after the (long) writing
             old = out.parent / f".{out.name}.replaced-{secrets.token_hex(4)}"
             out.rename(old)
         try:
