@@ -3,7 +3,7 @@ split, each method as `bench run` fits it (the defaults for MNIST, or --recipe /
 epsilon 1 and 10 with the real noise and the no-noise positive control at epsilon 1. Rows go to benchmarks/AUDIT.md and audit.jsonl; each
 audit's AUDIT.md, audit.json and scores.svg stay in WORK/audits/.
 
-python -m bench.audit [--methods dp-mepf privimage] [--epsilons 1 10] [--control-epsilon 1]
+python -m bench.audit [--methods dp-mepf privimage] [--epsilons [1 10]] [--control-epsilon 1]
                       [--canaries 1000] [--work bench-work] [--results benchmarks]
                       [--private FOLDER --public FOLDER --recipe FILE --set KEY=VALUE ...]
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["dp-mepf", "privimage"],
                         choices=["dp-mepf", "privimage"])
-    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 10.0])
+    parser.add_argument("--epsilons", nargs="*", type=float, default=[1.0, 10.0],
+                        help="epsilons audited with the real noise (none given: only the control)")
     parser.add_argument("--control-epsilon", type=float, default=1.0,
                         help="epsilon of the no-noise control (a negative value: no control)")
     parser.add_argument("--canaries", type=int, default=1000)

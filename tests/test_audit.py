@@ -178,6 +178,7 @@ def test_bench_audit_appends_a_row_at_tiny_scale(tmp_path: Path) -> None:
     assert bench_audit.plan(["dp-mepf", "privimage"], [1.0, 10.0], 1.0) == [
         ("dp-mepf", 1.0, "none"), ("dp-mepf", 10.0, "none"), ("privimage", 1.0, "none"),
         ("privimage", 10.0, "none"), ("dp-mepf", 1.0, "no-noise"), ("privimage", 1.0, "no-noise")]
+    assert bench_audit.plan(["dp-mepf"], [], 1.0) == [("dp-mepf", 1.0, "no-noise")]  # --epsilons
     private = make_folder(tmp_path / "private", per_class=10, size=16)
     overrides = [arg for arg in DPMEPF if arg != "--set"] + ["privacy.delta=1e-6"]
     argv = ["--methods", "dp-mepf", "--epsilons", "1", "--control-epsilon", "-1", "--canaries",
