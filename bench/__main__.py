@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      help="recipe override section.key=value (repeatable)")
     run.add_argument("--synthetic", type=int, default=60000, help="synthetic images to sample")
+    run.add_argument("--seed", type=int, default=None,
+                     help="seed of the fit's public randomness (run.seed), of sampling and of the "
+                          "downstream classifiers, for a second run of a row; the privacy noise "
+                          "is never seeded [default: run.seed of the recipe, samples and "
+                          "classifiers 0]")
     run.add_argument("--classifier", default="both", choices=["smallcnn", "resnet", "both"],
                      help="downstream classifier(s) trained on the synthetic images: the "
                           "SmallCNN (field accuracy, ~5 min on 60k images on 2 cores) and the "

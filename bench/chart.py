@@ -30,9 +30,12 @@ EPS_RANGE = (0.7, 14.0)
 def latest(rows: list[dict], dataset: str, field: str = "accuracy"
            ) -> tuple[dict[str, dict[float, float]], float | None]:
     """{method: {epsilon target: accuracy %}} from the newest row of each (no point where that
-    row lacks `field`: a classifier's figures all come from the run the other's come from), and
-    the newest ceiling that has `field`. `field`: "accuracy" (SmallCNN) or "accuracy_resnet"."""
+    row lacks `field`: a classifier's figures all come from the run the other's come from),
+    averaged with the newest row of each other seed (`bench run --seed`) that ran the same
+    configuration; and the newest ceiling that has `field`. `field`: "accuracy" (SmallCNN) or
+    "accuracy_resnet"."""
     newest: dict[tuple[str, float], dict] = {}
+    seeds: dict[tuple[str, float], dict[int, dict]] = {}
     ceiling = None
     for row in rows:  # file order is time order: later rows replace earlier ones
         if row["dataset"] != dataset:
@@ -42,12 +45,25 @@ def latest(rows: list[dict], dataset: str, field: str = "accuracy"
             continue
         if _ablation(row) or _stale(row):
             continue
-        newest[(row["method"], float(row["epsilon_target"]))] = row
+        key = (row["method"], float(row["epsilon_target"]))
+        newest[key] = row
+        seeds.setdefault(key, {})[row.get("seed", 0)] = row
     series: dict[str, dict[float, float]] = {}
     for (method, eps), row in newest.items():
-        if field in row:
-            series.setdefault(method, {})[eps] = 100 * row[field]
+        if field not in row:
+            continue
+        same = [r for r in seeds[(method, eps)].values()
+                if field in r and _configuration(r) == _configuration(row)] or [row]
+        series.setdefault(method, {})[eps] = 100 * sum(r[field] for r in same) / len(same)
     return series, ceiling
+
+
+def _configuration(row: dict) -> str | None:
+    """The row's resolved recipe without its budget and seed, as a comparable string (rows from
+    before recipes were recorded: their commit and recipe file, so only they themselves match)."""
+    if "resolved" not in row:
+        return f"{row.get('commit')}:{row.get('recipe')}:{row.get('overrides')}"
+    return json.dumps(_setting(recipes.from_dict(row["resolved"])), sort_keys=True)
 
 
 def _stale(row: dict) -> bool:
@@ -95,9 +111,11 @@ def _now(row: dict, overrides: list[str]) -> recipes.Recipe:
 
 
 def _setting(recipe: recipes.Recipe) -> dict:
-    """The recipe without the budget (epsilon, delta), which a row states in its own fields."""
+    """The recipe without the budget (epsilon, delta), which a row states in its own fields, and
+    without run.seed (a second seed of a row runs the same configuration)."""
     out = recipe.to_dict()
     out["privacy"] = {k: v for k, v in out["privacy"].items() if k not in ("epsilon", "delta")}
+    out["run"] = {k: v for k, v in out["run"].items() if k != "seed"}
     return out
 
 

@@ -9,6 +9,7 @@ import os
 import resource
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -107,14 +108,17 @@ def _commit() -> str:
         return "unknown"
 
 
-def request(method: str, epsilon: float, recipe_file: str | None, overrides: list[str]) -> dict:
+def request(method: str, epsilon: float, recipe_file: str | None, overrides: list[str],
+            seed: int | None = None) -> dict:
     """The raw recipe table a bench row fits: `recipe_file` (none: the defaults alone) with
-    `overrides` applied, the method and epsilon; run.fit completes it with the defaults for the
-    data, as it does a user's `privsynth fit`."""
+    `overrides` applied, the method and epsilon (and `seed` as run.seed when given); run.fit
+    completes it with the defaults for the data, as it does a user's `privsynth fit`."""
     raw = recipes.apply_overrides(recipes.read(Path(recipe_file) if recipe_file else None),
                                   overrides)
     raw["method"] = raw.get("method", method)
     raw["privacy"] = {**raw.get("privacy", {}), "epsilon": float(epsilon)}
+    if seed is not None:
+        raw["run"] = {**raw.get("run", {}), "seed": int(seed)}
     return raw
 
 
@@ -130,7 +134,8 @@ def run(args) -> dict:
     ds = args.dataset
     folders = prepare_dataset(ds, work)
     tag = f"{ds}-{args.method}-eps{args.epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    raw = request(args.method, args.epsilon, args.recipe, args.overrides)
+    raw = request(args.method, args.epsilon, args.recipe, args.overrides, args.seed)
+    seed = args.seed or 0
     times, t0 = {}, time.time()
     last = [0.0]
 
@@ -144,15 +149,15 @@ def run(args) -> dict:
     recipe = result.recipe
     times["fit_s"] = time.time() - t0
     t1 = time.time()
-    synth = runs.sample(result.run, args.synthetic, work / "synth" / tag, seed=0)
+    synth = runs.sample(result.run, args.synthetic, work / "synth" / tag, seed=seed)
     times["sample_s"] = time.time() - t1
     sx, sy = _tensors(synth, ds)
     scores = classify(args.classifier, (sx, sy),
-                      *(_tensors(folders[k], ds) for k in ("val", "test")))
+                      *(_tensors(folders[k], ds) for k in ("val", "test")), seed=seed)
     row = {"dataset": ds, "method": args.method, "epsilon": result.certificate["epsilon"]["spent"],
            "epsilon_target": args.epsilon, "delta": result.certificate["delta"],
            "accountant": result.certificate["accountant"], "device": recipe.run.device,
-           **scores, "synthetic": args.synthetic, **times,
+           **scores, "synthetic": args.synthetic, "seed": seed, **times,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "recipe": args.recipe, "overrides": args.overrides, "commit": _commit(),
            "resolved": recipe.to_dict(), "chosen": sorted(result.chosen or {}),
@@ -162,13 +167,13 @@ def run(args) -> dict:
     return row
 
 
-def classify(which: str, train: tuple, val: tuple, test: tuple) -> dict:
-    """Train the classifier(s) `which` names ("smallcnn", "resnet" or "both") on `train`, each
-    epoch chosen on `val`, and score `test` once: the row's accuracy, val_curve, classifier and
-    classifier_s fields (the ResNet's with the suffix _resnet)."""
+def classify(which: str, train: tuple, val: tuple, test: tuple, seed: int = 0) -> dict:
+    """Train the classifier(s) `which` names ("smallcnn", "resnet" or "both") on `train` from
+    `seed`, each epoch chosen on `val`, and score `test` once: the row's accuracy, val_curve,
+    classifier and classifier_s fields (the ResNet's with the suffix _resnet)."""
     fields = {}
     for name in FIELDS if which == "both" else (which,):
-        t0, config = time.time(), preset(name, train[0].shape[1])
+        t0, config = time.time(), replace(preset(name, train[0].shape[1]), seed=seed)
         model, curve = train_classifier(*train, *val, classes=10, config=config,
                                         progress=_epochs(name))
         fields |= {f"accuracy{FIELDS[name]}": accuracy(model, *test),
@@ -210,4 +215,10 @@ def _append(folder: Path, row: dict) -> None:
                 row["device"], _percent(row, "accuracy"), _percent(row, "accuracy_resnet"),
                 f"{row['fit_s']:.0f}",
                 f"{row['sample_s']:.0f}", f"{row['peak_rss_mb']:.0f}", row["commit"],
-                ": ".join(x for x in (" ".join(row["overrides"]), row.get("note", "")) if x)])
+                ": ".join(x for x in (" ".join(row["overrides"]), _seed(row), row.get("note", ""))
+                          if x)])
+
+
+def _seed(row: dict) -> str:
+    """"seed N" for a row run with `--seed` N other than 0 (rows before --seed used seed 0)."""
+    return f"seed {row['seed']}" if row.get("seed") else ""

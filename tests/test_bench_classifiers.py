@@ -46,7 +46,7 @@ def test_a_bench_row_carries_both_classifiers_and_the_table_both_columns(
     assert [old[i] for i in at] == ["50.00", "-"]
 
 
-def _row(method: str, eps: float, **fields: float) -> dict:
+def _row(method: str, eps: float, **fields: object) -> dict:
     return {"dataset": "mnist", "method": method, "epsilon_target": eps, "recipe": None,
             "overrides": [], **fields}
 
@@ -70,3 +70,24 @@ def test_the_chart_draws_each_classifier_from_the_rows_that_have_it(tmp_path: Pa
     resnet_ceiling = chart.CLASSIFIERS["ResNet"][3]
     assert resnet_ceiling in colours["both"] and resnet_ceiling not in colours["smallcnn"]
     assert chart.CLASSIFIERS["SmallCNN"][3] in colours["smallcnn"]
+
+
+def test_a_second_seed_is_the_same_configuration_and_the_chart_draws_the_mean(
+        tmp_path: Path) -> None:
+    raw = mnist.request("dp-mepf", 10.0, None, ["dpmepf.steps=7"], seed=3)
+    assert raw["run"]["seed"] == 3 and raw["privacy"]["epsilon"] == 10.0
+    assert "run" not in mnist.request("dp-mepf", 10.0, None, [])  # no --seed: the recipe's
+    one, two = (mnist.resolved("mnist", "dp-mepf", 10.0, None, [f"run.seed={s}"]) for s in (0, 1))
+    assert chart._setting(one) == chart._setting(two)  # not an ablation, not stale
+    seeded = [_row("dp-mepf", 10.0, accuracy=0.90, commit="a", seed=0),
+              _row("dp-mepf", 10.0, accuracy=0.94, commit="a", seed=1),
+              _row("dp-mepf", 1.0, accuracy=0.80, commit="old"),  # another configuration
+              _row("dp-mepf", 1.0, accuracy=0.86, commit="new", seed=1)]
+    assert chart.latest(seeded, "mnist") == ({"dp-mepf": {10.0: 92.0, 1.0: 86.0}}, None)
+    base = {"dataset": "mnist", "method": "dp-mepf", "epsilon": 10.0, "delta": 1e-6,
+            "accountant": "prv", "device": "cpu", "fit_s": 1.0, "sample_s": 2.0,
+            "peak_rss_mb": 3.0, "commit": "abc", "overrides": ["x.y=1"], "note": "quiet"}
+    mnist._append(tmp_path, {**base, "accuracy": 0.5, "seed": 2})
+    mnist._append(tmp_path, {**base, "accuracy": 0.5, "seed": 0})
+    rows = (tmp_path / "RESULTS.md").read_text().splitlines()[2:]
+    assert rows[0].endswith("| x.y=1: seed 2: quiet |") and rows[1].endswith("| x.y=1: quiet |")
