@@ -51,14 +51,28 @@ def one(args: argparse.Namespace, method: str, epsilon: float, control: str, pri
     g = result["guesses"] or {"correct": 0, "guesses": 0}
     row = {k: v for k, v in result.items() if k not in ("kinds", "membership", "recipe")}
     row.update(recipe=args.recipe, overrides=args.overrides, commit=_commit(),
-               threads=os.environ.get("OMP_NUM_THREADS", "-"), private=str(private))
+               threads=os.environ.get("OMP_NUM_THREADS", "-"), private=str(private),
+               note="; ".join(args.notes))
     append_row(Path(args.results), "audit", row, COLUMNS, [
         method, control, f"{result['certified_epsilon']:.4g}", f"{result['delta']:.2e}",
         str(result["canaries"]), f"{result['epsilon_lower_bound']:.3f}",
         f"{result['ceiling']:.3f}", result["verdict"], f"{g['correct']} / {g['guesses']}",
         result["score"], f"{result['fit_seconds']:.0f}", f"{result['seconds']:.0f}",
-        row["threads"], row["commit"], " ".join(args.overrides) or "-"])
+        row["threads"], row["commit"], notes(row)])
     return row
+
+
+def notes(row: dict) -> str:
+    """The row's last cell: its overrides, how the coins fell and what the guesser said, and the
+    `--note` words."""
+    g = row.get("guesses") or {}
+    draw = (f"{row['included']} of {row['canaries']} canaries included by the coins"
+            if "included" in row else "")
+    if g.get("guesses"):
+        draw += (f", {g['k_in']} guessed in and {g['k_out']} out ({g['correct_in']} and "
+                 f"{g['correct_out']} right)")
+    return ": ".join(x for x in (" ".join(row.get("overrides") or []), draw, row.get("note"))
+                     if x) or "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipe file [default: none, the defaults for the data]")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="recipe override section.key=value (repeatable)")
+    parser.add_argument("--note", dest="notes", action="append", default=[],
+                        help="words for the rows' notes, e.g. how loaded the machine was")
     args = parser.parse_args(argv)
     work = Path(args.work)
     private = Path(args.private) if args.private else prepare(work)["private"]

@@ -183,11 +183,15 @@ def test_bench_audit_appends_a_row_at_tiny_scale(tmp_path: Path) -> None:
     overrides = [arg for arg in DPMEPF if arg != "--set"] + ["privacy.delta=1e-6"]
     argv = ["--methods", "dp-mepf", "--epsilons", "1", "--control-epsilon", "-1", "--canaries",
             "32", "--private", str(private), "--work", str(tmp_path / "work"), "--results",
-            str(tmp_path / "results")]
+            str(tmp_path / "results"), "--note", "quiet machine"]
     assert bench_audit.main(argv + [x for o in overrides for x in ("--set", o)]) == 0
     table = (tmp_path / "results" / "AUDIT.md").read_text().splitlines()
     assert table[0].startswith("| method | control | certified eps") and len(table) == 3
     row = json.loads((tmp_path / "results" / "audit.jsonl").read_text())
+    g = row["guesses"]
+    assert table[2].endswith(f": {row['included']} of 32 canaries included by the coins, "
+                             f"{g['k_in']} guessed in and {g['k_out']} out ({g['correct_in']} "
+                             f"and {g['correct_out']} right): quiet machine |")
     assert row["canaries"] == 32 and row["epsilon_lower_bound"] <= row["certified_epsilon"]
     assert len(list((tmp_path / "work" / "audits").glob("*/AUDIT.md"))) == 1
 
