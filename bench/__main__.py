@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
                          help="classifier(s) to train on the real private split [default: both]")
     ceiling.add_argument("--note", dest="notes", action="append", default=[],
                          help="words for the row's notes column, e.g. how loaded the machine was")
+    rescore = sub.add_parser("rescore", help="a row's synthetic images scored with another "
+                             "downstream classifier (the row appended again with its fields)")
+    rescore.add_argument("tag", help="the row's run name (WORK/synth/TAG holds its images)")
+    rescore.add_argument("--classifier", default="resnet", choices=["smallcnn", "resnet", "both"],
+                         help="classifier(s) to train on the row's synthetic images "
+                              "[default: resnet]")
+    rescore.add_argument("--note", dest="notes", action="append", default=[],
+                         help="words for the row's notes, e.g. how loaded the machine was")
     scale = sub.add_parser("scale", help="fit time against private-set size (1k, 10k, 55k)")
     scale.add_argument("dataset", choices=["mnist"])
     scale.add_argument("--method", default="dp-mepf", choices=["dp-mepf", "privimage"])
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="recipe override section.key=value (repeatable)")
     chart = sub.add_parser("chart", help="PNG of accuracy against epsilon with the anchors")
     chart.add_argument("dataset", nargs="?", default="mnist", choices=["mnist", "cifar10"])
-    for p in (ceiling, scale, chart):
+    for p in (ceiling, rescore, scale, chart):
         p.add_argument("--work", default="bench-work", help="folder for data, runs and reports")
         p.add_argument("--results", default="benchmarks", help="folder of the results files")
     sub.add_parser("ddp", add_help=False,
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         ddp.run(argv[1:])
         return 0
     args = parser.parse_args(argv)
-    if args.command in ("ceiling", "scale", "chart"):
+    if args.command in ("ceiling", "rescore", "scale", "chart"):
         import importlib
 
         importlib.import_module(f"bench.{args.command}").run(args)

@@ -2,6 +2,8 @@
 have) and the ResNet's (`_resnet`), RESULTS.md shows both columns, the chart draws both."""
 from __future__ import annotations
 
+import json
+from argparse import Namespace
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from PIL import Image
 
 from bench import chart, mnist
 from privsynth import downstream
+from privsynth.errors import UsageError
 
 
 def _digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,3 +94,39 @@ def test_a_second_seed_is_the_same_configuration_and_the_chart_draws_the_mean(
     mnist._append(tmp_path, {**base, "accuracy": 0.5, "seed": 0})
     rows = (tmp_path / "RESULTS.md").read_text().splitlines()[2:]
     assert rows[0].endswith("| x.y=1: seed 2: quiet |") and rows[1].endswith("| x.y=1: quiet |")
+
+
+def test_rescore_adds_the_resnet_to_the_row_that_sampled_the_images(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import rescore
+
+    monkeypatch.setattr(mnist, "preset", lambda name, channels: replace(
+        downstream.preset(name, channels), epochs=1, width=4))
+    folders = {}
+    for name, (n, seed) in {"synth": (40, 0), "val": (20, 1), "test": (20, 2)}.items():
+        folder = tmp_path / "work" / ("synth/mnist-dp-mepf-eps1-x" if name == "synth" else name)
+        for i, (img, label) in enumerate(zip(*_digits(n, seed))):
+            (folder / str(label.item())).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[0].numpy(), "L").save(folder / str(label.item()) / f"{i}.png")
+        folders[name] = folder
+    monkeypatch.setattr(mnist, "prepare_dataset", lambda ds, work: folders)
+    row = {"dataset": "mnist", "method": "dp-mepf", "epsilon": 1.0, "epsilon_target": 1.0,
+           "delta": 1e-6, "accountant": "prv", "device": "cpu", "accuracy": 0.9, "fit_s": 1.0,
+           "sample_s": 2.0, "peak_rss_mb": 3.0, "commit": "abc", "overrides": [],
+           "run": "bench-work/runs/mnist-dp-mepf-eps1-x", "note": "one thread"}
+    results = tmp_path / "results"
+    results.mkdir()
+    later = {**row, "accuracy": 0.1, "overrides": ["privimage.strength=0.001"]}  # resampled
+    (results / "results.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(later) + "\n")
+    args = Namespace(tag="mnist-dp-mepf-eps1-x", classifier="resnet", notes=["quiet"],
+                     work=str(tmp_path / "work"), results=str(results))
+    with pytest.raises(UsageError, match="not a complete synthetic folder"):
+        rescore.run(args)
+    (folders["synth"] / "MANIFEST.sha256").write_text("")
+    new = rescore.run(args)
+    assert new["accuracy"] == 0.9 and 0 <= new["accuracy_resnet"] <= 1  # the first row's, kept
+    assert new["overrides"] == [] and new["note"].startswith("one thread; rescored ")
+    assert new["note"].endswith("; quiet")
+    assert json.loads((results / "results.jsonl").read_text().splitlines()[-1]) == new
+    with pytest.raises(UsageError, match="no row"):
+        rescore.run(Namespace(**{**vars(args), "tag": "elsewhere"}))
