@@ -23,7 +23,7 @@ def run(args) -> dict:
            **scores, "synthetic": 0, "fit_s": 0.0, "sample_s": 0.0, "total_s": time.time() - t0,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "recipe": "-",
-           "overrides": [f"trained on the {len(px)} real private images", *args.notes],
-           "commit": mnist._commit(), "run": "-"}
+           "overrides": [f"trained on the {len(px)} real private images"],
+           "commit": mnist._commit(), "run": "-", "note": "; ".join(args.notes)}
     mnist._append(Path(args.results), row)
     return row
