@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.mnist import _commit, append_row, prepare, prepare_public, request
+from bench.mnist import _commit, append_row, notes_cell, prepare, prepare_public, request
 from privsynth.audit import audit
 
 COLUMNS = ["method", "control", "certified eps", "delta", "canaries", "lower bound", "ceiling",
@@ -71,8 +71,7 @@ def notes(row: dict) -> str:
     if g.get("guesses"):
         draw += (f", {g['k_in']} guessed in and {g['k_out']} out ({g['correct_in']} and "
                  f"{g['correct_out']} right)")
-    return ": ".join(x for x in (" ".join(row.get("overrides") or []), draw, row.get("note"))
-                     if x) or "-"
+    return notes_cell(" ".join(row.get("overrides") or []), draw, row.get("note", "")) or "-"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,8 +215,12 @@ def _append(folder: Path, row: dict) -> None:
                 row["device"], _percent(row, "accuracy"), _percent(row, "accuracy_resnet"),
                 f"{row['fit_s']:.0f}",
                 f"{row['sample_s']:.0f}", f"{row['peak_rss_mb']:.0f}", row["commit"],
-                ": ".join(x for x in (" ".join(row["overrides"]), _seed(row), row.get("note", ""))
-                          if x)])
+                notes_cell(" ".join(row["overrides"]), _seed(row), row.get("note", ""))])
+
+
+def notes_cell(*parts: str) -> str:
+    """A table's last cell: the non-empty `parts` (overrides, then notes) joined by ": "."""
+    return ": ".join(x for x in parts if x)
 
 
 def _seed(row: dict) -> str:

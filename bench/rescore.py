@@ -37,9 +37,10 @@ def run(args) -> dict:
     scores = mnist.classify(args.classifier, mnist._tensors(synth, ds),
                             *(mnist._tensors(folders[k], ds) for k in ("val", "test")),
                             seed=row.get("seed", 0))
+    commit = mnist._commit()
     words = (f"rescored {time.strftime('%Y-%m-%d')} with `python -m bench rescore {args.tag} "
-             f"--classifier {args.classifier}` (code of {mnist._commit()}, {time.time() - t0:.0f} s)")
-    new = {**row, **scores, "rescore_commit": mnist._commit(),
+             f"--classifier {args.classifier}` (code of {commit}, {time.time() - t0:.0f} s)")
+    new = {**row, **scores, "rescore_commit": commit,
            "note": "; ".join(x for x in (row.get("note", ""), words, *args.notes) if x)}
     mnist._append(results, new)
     return new
