@@ -616,3 +616,41 @@ def test_the_filter_redraws_what_the_judge_rejects() -> None:
     assert rejected > 0 and torch.equal(bright(images), labels)
     first, none = judge.filtered(draw, accept, labels, labels, rounds=0)
     assert none == 0 and not torch.equal(bright(first), labels)
+
+
+def test_the_filter_judges_only_the_redrawn_images() -> None:
+    """Each round judges only what the round before redrew, and the images are those of a filter
+    that judges every image each round (the same draws in the same order)."""
+    from privsynth.generators import judge
+
+    def draws(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        return lambda labels: torch.randint(0, 256, (len(labels), 1, 2, 2), generator=gen,
+                                            dtype=torch.uint8)
+
+    judged, refused = [], []
+
+    def accept(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        ok = (images.float().mean((1, 2, 3)) > 160).long() == classes  # class 1 is the rarer
+        judged.append(len(images))
+        refused.append(int((~ok).sum()))
+        return ok
+
+    labels = torch.tensor([0, 1] * 200)
+    images, rejected = judge.filtered(draws(3), accept, labels, labels, rounds=4)
+    assert judged[0] == 400 and judged[1:] == refused[:-1] and rejected == sum(refused)
+    new = len(judged)
+
+    def every_image(draw, rounds):  # the filter as it was
+        out, count = draw(labels), 0
+        for _ in range(rounds):
+            bad = (~accept(out, labels)).nonzero()[:, 0]
+            if not len(bad):
+                break
+            count += len(bad)
+            out[bad] = draw(labels[bad])
+        return out, count
+
+    before, counted = every_image(draws(3), rounds=4)
+    assert torch.equal(images, before) and counted == rejected
+    assert judged[new:] == [400] * 4 and sum(judged[:new]) < 0.6 * 4 * 400  # 865 of 1600 here

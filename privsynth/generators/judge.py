@@ -136,13 +136,18 @@ def filtered(draw: Callable[[torch.Tensor], torch.Tensor],
              classes: torch.Tensor, rounds: int) -> tuple[torch.Tensor, int]:
     """`draw(labels)` (uint8 images), then up to `rounds` redraws of the images that
     `accept(images, classes)` (a bool per image) rejects; images still rejected after the last
-    round are kept as drawn. Returns the images and how many draws were rejected."""
+    round are kept as drawn. Returns the images and how many draws were rejected.
+
+    Only the images redrawn in the previous round are judged again (an accepted image is never
+    redrawn), so a round costs the judges in proportion to what it redrew."""
     images = draw(labels)
     rejected = 0
+    pending = torch.arange(len(labels))
     for _ in range(rounds):
-        bad = (~accept(images, classes)).nonzero()[:, 0]
+        bad = pending[~accept(images[pending], classes[pending])]
         if not len(bad):
             break
         rejected += len(bad)
         images[bad] = draw(labels[bad])
+        pending = bad
     return images, rejected
