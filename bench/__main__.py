@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="downstream classifier(s) trained on the synthetic images: the "
                           "SmallCNN (field accuracy, ~5 min on 60k images on 2 cores) and the "
                           "ResNet (accuracy_resnet, ~15 min) [default: both]")
+    run.add_argument("--fitted", default=None, metavar="RUN",
+                     help="a finished fit of this row (WORK/runs/TAG) whose bench process stopped "
+                          "before writing the row: sample and score it instead of fitting again "
+                          "(fit_s from the run folder's start stamp to its certificate)")
     run.add_argument("--note", dest="notes", action="append", default=[],
                      help="words for the row's notes, e.g. how loaded the machine was")
     run.add_argument("--work", default="bench-work", help="folder for data, runs and reports")

@@ -10,6 +10,7 @@ import resource
 import subprocess
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -144,10 +145,14 @@ def run(args) -> dict:
             print(f"[{time.time() - t0:6.0f}s] {what} {done}/{total}", flush=True)
             last[0] = time.time()
 
-    public = prepare_public(work) if args.method == "privimage" else None
-    result = runs.fit(folders["private"], public, raw, work / "runs" / tag, progress=progress)
+    if getattr(args, "fitted", None):
+        result, times["fit_s"] = fitted(Path(args.fitted), args.method, args.epsilon)
+        tag = result.run.name
+    else:
+        public = prepare_public(work) if args.method == "privimage" else None
+        result = runs.fit(folders["private"], public, raw, work / "runs" / tag, progress=progress)
+        times["fit_s"] = time.time() - t0
     recipe = result.recipe
-    times["fit_s"] = time.time() - t0
     t1 = time.time()
     synth = runs.sample(result.run, args.synthetic, work / "synth" / tag, seed=seed)
     times["sample_s"] = time.time() - t1
@@ -165,6 +170,25 @@ def run(args) -> dict:
            "note": "; ".join(args.notes)}
     _append(Path(args.results), row)
     return row
+
+
+def fitted(folder: Path, method: str, epsilon: float) -> tuple[runs.FitResult, float]:
+    """A finished bench fit (WORK/runs/TAG, TAG ending in the bench's YYYYmmdd-HHMMSS-PID stamp)
+    as `runs.fit` returned it, and its fit time: from the stamp (local time, when the bench
+    process started) to the certificate's creation. Refuses a run of another method or epsilon."""
+    cert = json.loads((folder / "certificate.json").read_text())
+    doc = json.loads((folder / "recipe.json").read_text())
+    recipe = recipes.from_dict({k: v for k, v in doc.items() if k not in ("public", "chosen")})
+    if recipe.method != method or not math.isclose(recipe.privacy.epsilon, epsilon):
+        raise SystemExit(f"{folder} is a {recipe.method} fit at epsilon {recipe.privacy.epsilon:g},"
+                         f" not {method} at {epsilon:g}")
+    try:
+        stamp = "-".join(folder.name.split("-")[-3:-1])
+        start = time.mktime(time.strptime(stamp, "%Y%m%d-%H%M%S"))
+    except ValueError:
+        raise SystemExit(f"{folder.name} does not end in a bench stamp (YYYYmmdd-HHMMSS-PID)")
+    end = datetime.fromisoformat(cert["created"]).timestamp()
+    return runs.FitResult(folder, cert, recipe, [], doc.get("chosen")), end - start
 
 
 def classify(which: str, train: tuple, val: tuple, test: tuple, seed: int = 0) -> dict:

@@ -130,3 +130,29 @@ def test_rescore_adds_the_resnet_to_the_row_that_sampled_the_images(
     assert json.loads((results / "results.jsonl").read_text().splitlines()[-1]) == new
     with pytest.raises(UsageError, match="no row"):
         rescore.run(Namespace(**{**vars(args), "tag": "elsewhere"}))
+
+
+def test_a_fitted_run_is_read_back_with_its_fit_time(tmp_path: Path) -> None:
+    """`bench run --fitted RUN` scores a finished fit: its recipe, certificate and defaults' choices
+    as the fit returned them, its fit time from the folder's start stamp to the certificate."""
+    import time
+
+    from privsynth import recipe as recipes
+
+    folder = tmp_path / "runs" / "cifar10-dp-mepf-eps10-20261207-143243-18498"
+    folder.mkdir(parents=True)
+    start = time.mktime(time.strptime("20261207-143243", "%Y%m%d-%H%M%S"))
+    created = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(start + 4343))
+    (folder / "certificate.json").write_text(json.dumps({"created": created, "delta": 1e-6}))
+    doc = recipes.resolve({"method": "dp-mepf", "privacy": {"epsilon": 10.0}}).to_dict()
+    (folder / "recipe.json").write_text(json.dumps({**doc, "chosen": {"dpmepf.steps": {}}}))
+    result, fit_s = mnist.fitted(folder, "dp-mepf", 10.0)
+    assert fit_s == pytest.approx(4343) and result.run == folder
+    assert result.recipe.privacy.epsilon == 10.0 and result.chosen == {"dpmepf.steps": {}}
+    with pytest.raises(SystemExit, match="not privimage at 10"):
+        mnist.fitted(folder, "privimage", 10.0)
+    with pytest.raises(SystemExit, match="not dp-mepf at 1"):
+        mnist.fitted(folder, "dp-mepf", 1.0)
+    other = folder.rename(tmp_path / "runs" / "mine")
+    with pytest.raises(SystemExit, match="bench stamp"):
+        mnist.fitted(other, "dp-mepf", 10.0)
