@@ -35,3 +35,18 @@ def test_probe_reads_the_recipe_with_its_overrides() -> None:
     assert words[-1] == "dpmepf.steps=50" and "dpmepf.lr=0.003" in words
     with pytest.raises(UsageError, match="did you mean 'steps'"):
         probe.parse(["t", "--set", "dpmepf.stepz=3"])
+
+
+def test_the_linear_probe_separates_what_is_separable_and_nothing_else() -> None:
+    import torch
+
+    from bench import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 3
+    x = torch.randn(600, 20, generator=g) + 4 * torch.nn.functional.one_hot(y, 20).float()
+    assert linear_probe.probe((x[:300], y[:300]), (x[300:], y[300:])) > 0.95
+    noise = torch.randn(600, 20, generator=g)
+    assert linear_probe.probe((noise[:300], y[:300]), (noise[300:], y[300:])) < 0.5
+    kept, labels = linear_probe.per_class(x, y, 5)
+    assert labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5 and torch.equal(kept[5], x[1])
