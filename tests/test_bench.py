@@ -27,7 +27,7 @@ def test_chart_draws_the_newest_row_and_skips_ablations() -> None:
 
 
 def test_probe_reads_the_recipe_with_its_overrides() -> None:
-    tag, recipe, words = probe.parse(["t", "--set", "dpmepf.lr=0.003", "--set", "features.grid=4",
+    tag, dataset, recipe, words = probe.parse(["t", "--set", "dpmepf.lr=0.003", "--set", "features.grid=4",
                                       "--steps", "50", "--epsilon", "1"])
     assert tag == "t" and recipe.generator.steps == 50 and recipe.generator.lr == 0.003
     assert recipe.features.grid == 4 and recipe.privacy.epsilon == 1.0
@@ -35,6 +35,10 @@ def test_probe_reads_the_recipe_with_its_overrides() -> None:
     assert words[-1] == "dpmepf.steps=50" and "dpmepf.lr=0.003" in words
     with pytest.raises(UsageError, match="did you mean 'steps'"):
         probe.parse(["t", "--set", "dpmepf.stepz=3"])
+    assert dataset == "mnist" and recipe.data.resolution == 28 and recipe.data.channels == "1"
+    _, colour, recipe, words = probe.parse(["t", "--dataset", "cifar10", "--epsilon", "1"])
+    assert colour == "cifar10" and recipe.data.resolution == 32 and recipe.data.channels == "3"
+    assert words[0] == "--dataset=cifar10" and recipe.privacy.epsilon == 1.0
 
 
 def test_the_linear_probe_separates_what_is_separable_and_nothing_else() -> None:
