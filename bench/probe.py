@@ -45,8 +45,20 @@ RELEASE_KEYS = ("share_phi1", "share_phi2", "share_counts", "phi2_bound", "split
                 "share_centre", "split_seed", "split_noise")
 
 
-def parse(argv: list[str]) -> tuple[str, str, recipes.Recipe, list[str]]:
-    """Tag, dataset, resolved recipe and the override words (recorded with the row)."""
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One probe's request: its tag, dataset, resolved recipe, the override words (recorded with
+    the row) and the work folder."""
+
+    tag: str
+    dataset: str
+    recipe: recipes.Recipe
+    words: list[str]
+    work: Path
+
+
+def parse(argv: list[str]) -> Probe:
+    """The probe the command line asks for."""
     ap = argparse.ArgumentParser(prog="python -m bench.probe")
     ap.add_argument("tag")
     ap.add_argument("--dataset", default="mnist", choices=sorted(PRIVATE))
@@ -55,14 +67,16 @@ def parse(argv: list[str]) -> tuple[str, str, recipes.Recipe, list[str]]:
                     help="recipe override section.key=value (repeatable)")
     ap.add_argument("--steps", type=int, default=1000, help="generator steps [1000]")
     ap.add_argument("--epsilon", type=float, default=10.0)
+    ap.add_argument("--work", default="bench-work", help="folder for data and the probe cache")
     args = ap.parse_args(argv)
+
     sets = [*args.overrides, f"dpmepf.steps={args.steps}"]
     recipe = resolved(args.dataset, "dp-mepf", args.epsilon, args.recipe, sets)
     if recipe.method != "dp-mepf":
         raise SystemExit(f"bench.probe compares dp-mepf settings; the recipe is {recipe.method}")
     words = [f"--dataset={args.dataset}"] * (args.dataset != "mnist") + [
         f"--recipe={args.recipe}"] * bool(args.recipe) + sets
-    return args.tag, args.dataset, recipe, words
+    return Probe(args.tag, args.dataset, recipe, words, Path(args.work))
 
 
 def judge(work: Path, folders: dict, dataset: str = "mnist") -> SmallCNN:
@@ -82,8 +96,9 @@ def judge(work: Path, folders: dict, dataset: str = "mnist") -> SmallCNN:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run one probe and append its row."""
-    tag, dataset, recipe, words = parse(argv)
-    work = Path("bench-work")
+    asked = parse(argv)
+    tag, dataset, recipe, words, work = (asked.tag, asked.dataset, asked.recipe, asked.words,
+                                         asked.work)
     folders = prepare_dataset(dataset, work)
     (work / "probe").mkdir(parents=True, exist_ok=True)
     cfg = recipe.generator

@@ -27,8 +27,9 @@ def test_chart_draws_the_newest_row_and_skips_ablations() -> None:
 
 
 def test_probe_reads_the_recipe_with_its_overrides() -> None:
-    tag, dataset, recipe, words = probe.parse(["t", "--set", "dpmepf.lr=0.003", "--set", "features.grid=4",
-                                      "--steps", "50", "--epsilon", "1"])
+    asked = probe.parse(["t", "--set", "dpmepf.lr=0.003", "--set", "features.grid=4",
+                         "--steps", "50", "--epsilon", "1"])
+    tag, dataset, recipe, words = asked.tag, asked.dataset, asked.recipe, asked.words
     assert tag == "t" and recipe.generator.steps == 50 and recipe.generator.lr == 0.003
     assert recipe.features.grid == 4 and recipe.privacy.epsilon == 1.0
     assert recipe.features.pixels == 0.5 and recipe.generator.split_bits == 3  # the defaults
@@ -36,8 +37,9 @@ def test_probe_reads_the_recipe_with_its_overrides() -> None:
     with pytest.raises(UsageError, match="did you mean 'steps'"):
         probe.parse(["t", "--set", "dpmepf.stepz=3"])
     assert dataset == "mnist" and recipe.data.resolution == 28 and recipe.data.channels == "1"
-    _, colour, recipe, words = probe.parse(["t", "--dataset", "cifar10", "--epsilon", "1"])
-    assert colour == "cifar10" and recipe.data.resolution == 32 and recipe.data.channels == "3"
+    asked = probe.parse(["t", "--dataset", "cifar10", "--epsilon", "1", "--work", "w"])
+    colour, recipe, words = asked.dataset, asked.recipe, asked.words
+    assert colour == "cifar10" and asked.work == Path("w") and recipe.data.resolution == 32 and recipe.data.channels == "3"
     assert words[0] == "--dataset=cifar10" and recipe.privacy.epsilon == 1.0
 
 
