@@ -8,7 +8,9 @@ The recipe (default: none, the defaults for the dataset's facts, privsynth.defau
 `dpmepf.steps` (probes are short). The noisy releases (the real `Generator.release` on the
 private split, 55k MNIST / 45k CIFAR-10 images, delta 1 / (N ln N), PRV) are cached per dataset,
 encoder, release settings and budget under bench-work/probe/, so settings that only change
-training share one release. The generator is trained by the real `Generator.train`, then judged
+training share one release. The releases are calibrated with the label filters' charges the
+recipe has (as a fit calibrates them), but the filters are not trained: probes compare the
+generator alone, on unfiltered samples. The generator is trained by the real `Generator.train`, then judged
 on 20k samples:
 
 - `fidelity`: how often a SmallCNN trained on the real private split (3 epochs, cached) gives
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = encoder_for(recipe)
     release_key = json.dumps([dataclasses.asdict(recipe.features), recipe.privacy.epsilon,
                               [getattr(cfg, k) for k in RELEASE_KEYS]]
-                             + [dataset] * (dataset != "mnist"))  # MNIST's cached keys stay
+                             + [dataset] * (dataset != "mnist")  # MNIST's cached keys stay
+                             + [["judges", cfg.judge, cfg.scatter_judge]] * (cfg.judge or
+                                                                             cfg.scatter_judge))
     cache = work / "probe" / f"release-{hashlib.sha1(release_key.encode()).hexdigest()[:10]}.pt"
     g = dpmepf.Generator(cfg, encoder, resolution=recipe.data.resolution,
                          channels=SHAPE[dataset][1])
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         budget = Budget(epsilon=recipe.privacy.epsilon, delta=default_delta(PRIVATE[dataset]),
                         accountant="prv")
-        rel = g.release(listing, budget, g.plan(budget))
+        rel = g.release(listing, budget, g.plan(budget, listing.unit_count))  # the judges share it
         torch.save(rel.__dict__, cache)
     t0 = time.time()
     sampler = g.train(rel, listing.classes)

@@ -48,7 +48,8 @@ def release_key(recipe: recipes.Recipe) -> str:
     """What a release depends on (encoder, budget, release settings), hashed."""
     cfg = recipe.generator
     key = json.dumps([dataclasses.asdict(recipe.features), recipe.privacy.epsilon,
-                      [getattr(cfg, k) for k in RELEASE_KEYS]])
+                      [getattr(cfg, k) for k in RELEASE_KEYS]]
+                     + [["judges", cfg.judge, cfg.scatter_judge]] * (cfg.judge or cfg.scatter_judge))
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -70,7 +71,7 @@ def pack(specs: list[dict], out: Path, work: Path = Path("bench-work")) -> None:
                              resolution=recipe.data.resolution, channels=1)
         budget = Budget(epsilon=recipe.privacy.epsilon, delta=delta, accountant="prv")
         t0 = time.time()
-        rel = g.release(listing, budget, g.plan(budget))
+        rel = g.release(listing, budget, g.plan(budget, listing.unit_count))  # the judges share it
         torch.save(dict(rel.__dict__, spent=budget.spent(), delta=delta), target)
         print(f"release {key} ({spec['tag']}): {rel.cells} cells, {time.time() - t0:.0f} s",
               flush=True)
