@@ -19,7 +19,8 @@ CLASSIFIERS = {"SmallCNN": ("accuracy", "circle", 3, (0, 150, 0)),
 # DPImageBench accuracy (%) at epsilon 1 and 10 (benchmarks/README.md).
 ANCHORS = {"mnist": {"DP-MERF": (80.3, 81.3), "DPDM": (89.2, 97.7), "PrivImage": (94.0, 97.8),
                      "DP-FETA": (95.6, 98.1)},
-           "cifar10": {"DP-MERF": (27.2, 29.0), "PE": (64.6, 75.3), "PrivImage": (74.5, 78.4)}}
+           "cifar10": {"DP-MERF": (27.2, 29.0), "DPDM": (28.9, 36.8), "DP-FETA": (35.1, 43.3),
+                       "PE": (64.6, 75.3), "PrivImage": (74.5, 78.4)}}
 OURS = {"dp-mepf": (200, 30, 30), "privimage": (30, 110, 220)}
 GREYS = [(150, 150, 150), (120, 120, 120), (90, 90, 90), (170, 140, 100), (110, 150, 110)]
 DASH = {"dash": 8, "dot": 3}  # ceiling lines: dash length of the SmallCNN's, the ResNet's
