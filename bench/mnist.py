@@ -146,7 +146,7 @@ def run(args) -> dict:
             last[0] = time.time()
 
     if getattr(args, "fitted", None):
-        result, times["fit_s"] = fitted(Path(args.fitted), args.method, args.epsilon)
+        result, times["fit_s"] = fitted(Path(args.fitted), args.method, args.epsilon, ds)
         tag = result.run.name
     else:
         public = prepare_public(work) if args.method == "privimage" else None
@@ -172,16 +172,22 @@ def run(args) -> dict:
     return row
 
 
-def fitted(folder: Path, method: str, epsilon: float) -> tuple[runs.FitResult, float]:
+def fitted(folder: Path, method: str, epsilon: float,
+           dataset: str = "mnist") -> tuple[runs.FitResult, float]:
     """A finished bench fit (WORK/runs/TAG, TAG ending in the bench's YYYYmmdd-HHMMSS-PID stamp)
     as `runs.fit` returned it, and its fit time: from the stamp (local time, when the bench
-    process started) to the certificate's creation. Refuses a run of another method or epsilon."""
+    process started) to the certificate's creation. Refuses a run of another method, epsilon or
+    image shape than the row's."""
     cert = json.loads((folder / "certificate.json").read_text())
     doc = json.loads((folder / "recipe.json").read_text())
     recipe = recipes.from_dict({k: v for k, v in doc.items() if k not in ("public", "chosen")})
     if recipe.method != method or not math.isclose(recipe.privacy.epsilon, epsilon):
         raise SystemExit(f"{folder} is a {recipe.method} fit at epsilon {recipe.privacy.epsilon:g},"
                          f" not {method} at {epsilon:g}")
+    shape = (recipe.data.resolution, recipe.data.channels)
+    if shape != (SHAPE[dataset][0], str(SHAPE[dataset][1])):
+        raise SystemExit(f"{folder} fitted {shape[0]} px images of {shape[1]} channel(s), not "
+                         f"{dataset}'s")
     try:
         stamp = "-".join(folder.name.split("-")[-3:-1])
         start = time.mktime(time.strptime(stamp, "%Y%m%d-%H%M%S"))

@@ -144,15 +144,18 @@ def test_a_fitted_run_is_read_back_with_its_fit_time(tmp_path: Path) -> None:
     start = time.mktime(time.strptime("20261207-143243", "%Y%m%d-%H%M%S"))
     created = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(start + 4343))
     (folder / "certificate.json").write_text(json.dumps({"created": created, "delta": 1e-6}))
-    doc = recipes.resolve({"method": "dp-mepf", "privacy": {"epsilon": 10.0}}).to_dict()
+    doc = recipes.resolve({"method": "dp-mepf", "privacy": {"epsilon": 10.0},
+                           "data": {"resolution": 32, "channels": "3"}}).to_dict()
     (folder / "recipe.json").write_text(json.dumps({**doc, "chosen": {"dpmepf.steps": {}}}))
-    result, fit_s = mnist.fitted(folder, "dp-mepf", 10.0)
+    result, fit_s = mnist.fitted(folder, "dp-mepf", 10.0, "cifar10")
     assert fit_s == pytest.approx(4343) and result.run == folder
     assert result.recipe.privacy.epsilon == 10.0 and result.chosen == {"dpmepf.steps": {}}
     with pytest.raises(SystemExit, match="not privimage at 10"):
-        mnist.fitted(folder, "privimage", 10.0)
+        mnist.fitted(folder, "privimage", 10.0, "cifar10")
     with pytest.raises(SystemExit, match="not dp-mepf at 1"):
-        mnist.fitted(folder, "dp-mepf", 1.0)
+        mnist.fitted(folder, "dp-mepf", 1.0, "cifar10")
+    with pytest.raises(SystemExit, match="32 px images of 3 channel"):
+        mnist.fitted(folder, "dp-mepf", 10.0, "mnist")
     other = folder.rename(tmp_path / "runs" / "mine")
     with pytest.raises(SystemExit, match="bench stamp"):
-        mnist.fitted(other, "dp-mepf", 10.0)
+        mnist.fitted(other, "dp-mepf", 10.0, "cifar10")
