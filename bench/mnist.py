@@ -180,7 +180,7 @@ def fitted(folder: Path, method: str, epsilon: float,
     image shape than the row's."""
     cert = json.loads((folder / "certificate.json").read_text())
     doc = json.loads((folder / "recipe.json").read_text())
-    recipe = recipes.from_dict({k: v for k, v in doc.items() if k not in ("public", "chosen")})
+    recipe = runs.run_recipe(doc)
     if recipe.method != method or not math.isclose(recipe.privacy.epsilon, epsilon):
         raise SystemExit(f"{folder} is a {recipe.method} fit at epsilon {recipe.privacy.epsilon:g},"
                          f" not {method} at {epsilon:g}")

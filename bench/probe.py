@@ -47,6 +47,17 @@ RELEASE_KEYS = ("share_phi1", "share_phi2", "share_counts", "phi2_bound", "split
                 "share_centre", "split_seed", "split_noise")
 
 
+def release_key(recipe: recipes.Recipe, dataset: str = "mnist") -> str:
+    """What a release depends on (dataset, encoder, budget, release settings, the label filters
+    that share the budget), hashed; MNIST's keys without filters are those of earlier caches."""
+    cfg = recipe.generator
+    key = json.dumps([dataclasses.asdict(recipe.features), recipe.privacy.epsilon,
+                      [getattr(cfg, k) for k in RELEASE_KEYS]]
+                     + [dataset] * (dataset != "mnist")
+                     + [["judges", cfg.judge, cfg.scatter_judge]] * (cfg.judge or cfg.scatter_judge))
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
 @dataclasses.dataclass(frozen=True)
 class Probe:
     """One probe's request: its tag, dataset, resolved recipe, the override words (recorded with
@@ -106,12 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = recipe.generator
     torch.manual_seed(0)
     encoder = encoder_for(recipe)
-    release_key = json.dumps([dataclasses.asdict(recipe.features), recipe.privacy.epsilon,
-                              [getattr(cfg, k) for k in RELEASE_KEYS]]
-                             + [dataset] * (dataset != "mnist")  # MNIST's cached keys stay
-                             + [["judges", cfg.judge, cfg.scatter_judge]] * (cfg.judge or
-                                                                             cfg.scatter_judge))
-    cache = work / "probe" / f"release-{hashlib.sha1(release_key.encode()).hexdigest()[:10]}.pt"
+    cache = work / "probe" / f"release-{release_key(recipe, dataset)}.pt"
     g = dpmepf.Generator(cfg, encoder, resolution=recipe.data.resolution,
                          channels=SHAPE[dataset][1])
     listing = scan(folders["private"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.mnist import _tensors, prepare, resolved
-from bench.probe import RELEASE_KEYS
+from bench.probe import release_key
 from privsynth import recipe as recipes
 from privsynth.data import scan
 from privsynth.generators import dpmepf
@@ -42,15 +41,6 @@ def resolve(spec: dict) -> recipes.Recipe:
     """The recipe of one sweep entry, as `bench run --recipe R --set ...` would resolve it."""
     sets = [*spec.get("set", []), f"dpmepf.steps={spec['steps']}"]
     return resolved("mnist", "dp-mepf", float(spec.get("epsilon", 10.0)), spec.get("recipe"), sets)
-
-
-def release_key(recipe: recipes.Recipe) -> str:
-    """What a release depends on (encoder, budget, release settings), hashed."""
-    cfg = recipe.generator
-    key = json.dumps([dataclasses.asdict(recipe.features), recipe.privacy.epsilon,
-                      [getattr(cfg, k) for k in RELEASE_KEYS]]
-                     + [["judges", cfg.judge, cfg.scatter_judge]] * (cfg.judge or cfg.scatter_judge))
-    return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
 def pack(specs: list[dict], out: Path, work: Path = Path("bench-work")) -> None:

@@ -278,6 +278,12 @@ def _fit(listing: data.Listing, recipe: Recipe, out: Path, module: Method,
     return FitResult(out, cert, recipe, list(gen.rejects), doc.get("chosen"))
 
 
+def run_recipe(doc: dict) -> Recipe:
+    """The recipe of a run's parsed `recipe.json` (without what fit adds beside it: the public
+    folder's record and the defaults' `chosen` block)."""
+    return from_dict({k: v for k, v in doc.items() if k not in ("public", "chosen")})
+
+
 def encoder_for(recipe: Recipe):
     """The pretrained encoder that `recipe.features` names."""
     return encoder_from(recipe.to_dict()["features"])
@@ -368,8 +374,7 @@ def sample(run: Path, n: int, out: Path, *, seed: int = 0, balanced: bool = Fals
     run = Path(run)
     distributed.on_main(_check_sample, run, n, Path(out), overwrite)
     cert = certificate.load(run)
-    recipe = from_dict({k: v for k, v in json.loads((run / "recipe.json").read_text()).items()
-                        if k not in ("public", "chosen")})
+    recipe = run_recipe(json.loads((run / "recipe.json").read_text()))
     sampler = method(recipe.method).sampler.load(run / "model").to(
         distributed.device(_device(device or recipe.run.device, explicit=device is not None)))
     with torch.inference_mode():
