@@ -173,7 +173,7 @@ def run(args) -> dict:
 
 
 def fitted(folder: Path, method: str, epsilon: float,
-           dataset: str = "mnist") -> tuple[runs.FitResult, float]:
+           dataset: str) -> tuple[runs.FitResult, float]:
     """A finished bench fit (WORK/runs/TAG, TAG ending in the bench's YYYYmmdd-HHMMSS-PID stamp)
     as `runs.fit` returned it, and its fit time: from the stamp (local time, when the bench
     process started) to the certificate's creation. Refuses a run of another method, epsilon or
