@@ -455,6 +455,31 @@ def test_generator_weights_keep_their_names() -> None:
     assert list(ConvGenerator(ConvGenConfig(20, 1, 28)).state_dict()) == names
 
 
+def test_residual_blocks_deepen_the_generator_below_full_resolution(tmp_path) -> None:
+    from privsynth.generators.convgen import ConvGenConfig, ConvGenerator, Residual
+
+    plain = ConvGenerator(ConvGenConfig(3, 3, 32, 8, 8))
+    deep = ConvGenerator(ConvGenConfig(3, 3, 32, 8, 8, blocks=2))
+    # 32 px: 8 -> 16 -> 32; two blocks at the 8 px seed and after the 16 px stage, none at 32
+    found = [(i, m.conv.in_channels) for i, m in enumerate(deep.body) if isinstance(m, Residual)]
+    assert [c for _, c in found] == [16, 16, 8, 8]
+    x = deep.body[:found[-1][0] + 1](deep.fc(torch.randn(2, 16)).view(-1, deep.top, 8, 8))
+    assert x.shape[-1] == 16  # the last block runs at 16 px, below the output's 32
+    z, y = torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1])
+    out = deep(z, y)
+    assert out.shape == (5, 3, 32, 32) and plain(z, y).shape == out.shape
+    extra = sum(p.numel() for p in deep.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 2 * (16 * 16 * 9 + 16 + 2 * 16) + 2 * (8 * 8 * 9 + 8 + 2 * 8)
+    # the depth is part of the saved config: a sampler rebuilt from it has the same function
+    sampler = dpmepf.Sampler(deep.eval(), ("a", "b", "c"), [1.0, 1.0, 1.0])
+    sampler.save(tmp_path / "m")
+    again = dpmepf.Sampler.load(tmp_path / "m")
+    assert again.net.cfg.blocks == 2
+    torch.testing.assert_close(again.net(z, y), deep(z, y))
+    with pytest.raises(dpmepf.UsageError):
+        dpmepf.Config(blocks=-1)
+
+
 def test_the_weight_average_follows_the_generator_at_its_decay(encoder, monkeypatch) -> None:
     from privsynth.generators.convgen import ConvGenConfig, ConvGenerator
 

@@ -17,6 +17,8 @@ class ConvGenConfig:
     resolution: int
     latent_dim: int = 64  # size of the Gaussian latent
     width: int = 64  # channels of the last upsampling stage; earlier stages double it
+    blocks: int = 0  # residual 3x3 convolution blocks at the seed resolution and after each
+    # upsampling below the output's (a quarter or less of the last stage's pixels each)
 
     def to_dict(self) -> dict:
         """JSON form."""
@@ -73,8 +75,21 @@ class UpConv2d(nn.Conv2d):
         return F.conv_transpose2d(x, kernel, self.bias, stride=2, padding=1)
 
 
+class Residual(nn.Module):
+    """x + SiLU(GroupNorm(conv 3x3 (x))): a block that adds depth without a new shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(8, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x + F.silu(self.norm(self.conv(x)))
+
+
 class ConvGenerator(nn.Module):
-    """fc -> (x2 up + conv, GroupNorm, SiLU) x k -> conv -> sigmoid."""
+    """fc -> GroupNorm, SiLU, [blocks] -> (x2 up + conv, GroupNorm, SiLU, [blocks below the
+    output size]) x k -> conv -> sigmoid."""
 
     def __init__(self, cfg: ConvGenConfig) -> None:
         super().__init__()
@@ -86,12 +101,17 @@ class ConvGenerator(nn.Module):
         top = cfg.width * 2 ** max(ups - 1, 0)
         self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim)
         self.fc = nn.Linear(2 * cfg.latent_dim, top * self.base * self.base)
+        if cfg.blocks < 0:
+            raise ValueError(f"blocks must be >= 0, got {cfg.blocks}")
         layers: list[nn.Module] = [nn.GroupNorm(8, top), nn.SiLU()]
+        layers += [Residual(top) for _ in range(cfg.blocks)]
         ch = top
-        for _ in range(ups):
+        for stage in range(ups):
             out = max(cfg.width, ch // 2) if ch > cfg.width else cfg.width
             # (the Identity keeps the layer indices, so weights saved before UpConv2d still load)
             layers += [nn.Identity(), UpConv2d(ch, out), nn.GroupNorm(8, out), nn.SiLU()]
+            if stage < ups - 1:
+                layers += [Residual(out) for _ in range(cfg.blocks)]
             ch = out
         layers += [TapConv2d(ch, cfg.channels), nn.Sigmoid()]
         self.body = nn.Sequential(*layers)

@@ -49,6 +49,7 @@ class Config:
     feature_batch: int = 256  # private images encoded per forward pass
     latent_dim: int = 64  # generator latent size
     width: int = 64  # generator channels at full resolution
+    blocks: int = 0  # generator residual conv blocks per upsampling below full resolution
     steps: int = 2000  # generator updates
     batch_per_class: int = 10  # generated images per class per update (split evenly over its
     # cells, at least one per cell)
@@ -90,6 +91,8 @@ class Config:
             raise UsageError("dpmepf shares must be >= 0, with share_phi1 and share_counts > 0")
         if not 0 < self.moving_average <= 1:
             raise UsageError("dpmepf.moving_average must be in (0, 1]")
+        if self.blocks < 0:
+            raise UsageError(f"dpmepf.blocks must be >= 0, got {self.blocks}")
         if not 0 <= self.ema < 1:
             raise UsageError(f"dpmepf.ema must be in [0, 1), got {self.ema}")
         if not 0 <= self.split_bits <= 6:
@@ -336,7 +339,8 @@ class Generator:
         ends with the same weights as an uninterrupted one."""
         cfg, k = self.config, len(classes) * rel.cells  # one generator label per slot
         torch.manual_seed(seed)
-        gcfg = ConvGenConfig(k, self.channels, self.resolution, cfg.latent_dim, cfg.width)
+        gcfg = ConvGenConfig(k, self.channels, self.resolution, cfg.latent_dim, cfg.width,
+                             cfg.blocks)
         net = ConvGenerator(gcfg).to(self.device)
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
