@@ -157,7 +157,7 @@ def draw(rows: list[dict], dataset: str, out: Path) -> Path:
     d.text(((x0 + x1) / 2 - 60, y0 + 30), "epsilon (log scale)", fill="black", font=font)
     d.text((10, y1 - 18), "downstream accuracy % (real test set)", fill="black", font=font)
     d.text((x0, 8), f"{dataset.upper()}: accuracy against epsilon (ours: latest row of "
-                     "benchmarks/results.jsonl)", fill="black", font=font)
+                     "benchmarks/results.jsonl, averaged over its seeds)", fill="black", font=font)
     d.text((x0, 24), "ours: circles and thick lines, SmallCNN; diamonds and thin lines, ResNet "
                      "(the anchors' classifier is a ResNet / WRN)", fill="black", font=font)
     legend = []
