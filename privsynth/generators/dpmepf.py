@@ -49,7 +49,8 @@ class Config:
     feature_batch: int = 256  # private images encoded per forward pass
     latent_dim: int = 64  # generator latent size
     width: int = 64  # generator channels at full resolution
-    blocks: int = 0  # generator residual conv blocks per upsampling below full resolution
+    blocks: int = 0  # generator residual conv blocks at its seed size and after each upsampling
+    # below full size (privsynth.generators.convgen)
     steps: int = 2000  # generator updates
     batch_per_class: int = 10  # generated images per class per update (split evenly over its
     # cells, at least one per cell)
